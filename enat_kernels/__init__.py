@@ -1,0 +1,15 @@
+"""Triton and CUDA kernels for ENAT-style non-autoregressive image generators.
+
+    import enat_kernels.ops as K
+    out = K.asymmetric_attention(q, k_ctx, v_ctx, k_self, v_self)
+
+See enat_kernels.ops for the ops and enat_kernels.backends for how a backend is chosen.
+"""
+
+from . import ops
+from ._library import EXTENSION_ERROR, EXTENSION_LOADED
+from .backends import BACKENDS, BackendUnavailableError
+
+__version__ = "0.1.0"
+
+__all__ = ["ops", "BACKENDS", "BackendUnavailableError", "EXTENSION_LOADED", "EXTENSION_ERROR", "__version__"]

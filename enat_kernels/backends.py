@@ -1,0 +1,115 @@
+"""Backend selection for the enat:: ops.
+
+Each op has a `Dispatcher` with one implementation per backend it has. For a given call, a backend
+answers with the reasons it cannot serve (none means it can): the device, whether the kernel exists
+or the extension is built, and op-specific limits such as dtype or head dim. The dispatcher takes
+the first backend in its order of preference that can serve. `backend=` on the call, or the
+ENAT_KERNELS_BACKEND environment variable, forces one; a forced backend that cannot serve raises
+`BackendUnavailableError` listing the reasons.
+
+The choice depends only on devices, dtypes, shapes and strides, never on tensor values, so it is
+made once at trace time under torch.compile.
+"""
+
+import os
+from typing import Callable, NamedTuple, Optional
+
+from . import _library, triton_utils
+
+BACKENDS = ("cuda", "triton", "reference")  # default order of preference
+ENV_BACKEND = "ENAT_KERNELS_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot serve the call; the message lists why."""
+
+
+def requested_backend(backend):
+    """(backend, where it was asked for) from the argument or the environment; (None, None) for auto."""
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))} or None, got {backend!r}")
+        return backend, f"backend={backend!r}"
+    env = os.environ.get(ENV_BACKEND, "").strip()
+    if env in ("", "auto"):
+        return None, None
+    if env not in BACKENDS:
+        raise ValueError(f"{ENV_BACKEND} must be one of {', '.join(BACKENDS)}, auto or unset, got {env!r}")
+    return env, f"{ENV_BACKEND}={env}"
+
+
+def _device_reasons(backend, device, forced):
+    if backend == "cuda":
+        reasons = []
+        if device.type != "cuda":
+            reasons.append(f"the CUDA backend runs on CUDA tensors, these are on {device.type}")
+        if not _library.EXTENSION_LOADED:
+            reasons.append(_library.EXTENSION_ERROR)
+        return reasons
+    if backend == "triton":
+        return triton_utils.device_reasons(device, forced)
+    return []
+
+
+class Impl(NamedTuple):
+    run: Callable
+    why_not: Optional[Callable]  # (*args) -> list of reasons this backend cannot serve the inputs
+
+
+class Dispatcher:
+    """The implementations of one op, by backend, and the rule that picks one."""
+
+    def __init__(self, op, order=BACKENDS):
+        self.op = op
+        self.order = order
+        self.impls = {}
+
+    def register(self, backend, run, why_not=None):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}")
+        self.impls[backend] = Impl(run, why_not)
+
+    def reasons(self, backend, device, args, forced=False):
+        """Why `backend` cannot serve this op on `args` (an empty list when it can)."""
+        impl = self.impls.get(backend)
+        if impl is None:
+            return [f"enat_kernels has no {backend} kernel for {self.op}"]
+        reasons = _device_reasons(backend, device, forced)
+        if impl.why_not is not None:
+            reasons += impl.why_not(*args)
+        return reasons
+
+    def select(self, backend, device, *args, preferred=None):
+        """The backend to run: the forced one, else `preferred` if it can serve, else the first that can."""
+        forced, source = requested_backend(backend)
+        if forced is not None:
+            reasons = self.reasons(forced, device, args, forced=True)
+            if reasons:
+                raise BackendUnavailableError(
+                    f"{source} cannot serve enat::{self.op} for these inputs:\n  - " + "\n  - ".join(reasons)
+                )
+            return forced
+        if preferred is not None and not self.reasons(preferred, device, args):
+            return preferred
+        why = {}
+        for candidate in self.order:
+            why[candidate] = self.reasons(candidate, device, args)
+            if not why[candidate]:
+                return candidate
+        lines = [f"{b}: {r}" for b, rs in why.items() for r in rs]
+        raise BackendUnavailableError(f"no backend can serve enat::{self.op} for these inputs:\n  - " + "\n  - ".join(lines))
+
+    def run(self, backend, device, *args):
+        """Run `backend` (as resolved by `select`, or as given to torch.ops.enat directly)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"enat::{self.op}: backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+        reasons = self.reasons(backend, device, args, forced=True)
+        if reasons:
+            raise BackendUnavailableError(
+                f"backend {backend!r} cannot serve enat::{self.op} for these inputs:\n  - " + "\n  - ".join(reasons)
+            )
+        return self.impls[backend].run(*args)
+
+    def available(self, device, *args):
+        """{backend: reasons it cannot serve (empty when it can)} for every backend, auto mode."""
+        return {b: self.reasons(b, device, args) for b in BACKENDS}

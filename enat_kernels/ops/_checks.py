@@ -1,0 +1,129 @@
+"""Input validation at the boundary of enat_kernels.ops.
+
+Structural checks (type, rank, shape, dtype, device) cost nothing and always run in the public
+functions. Checks that read tensor values (index range and order, mask counts) run inside the op
+kernels, only where they cost no host sync: always for CPU tensors, and for CUDA tensors when
+ENAT_KERNELS_DEBUG=1. Every message names the argument and shows the shapes.
+"""
+
+import numbers
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+ENV_DEBUG = "ENAT_KERNELS_DEBUG"
+
+
+def describe(t):
+    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)} on {t.device.type}"
+
+
+def tensor(name, t, layout):
+    """`t` is a tensor whose rank matches `layout`, e.g. "B L D"."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor ({layout}), got {type(t).__name__}")
+    dims = layout.split()
+    if t.dim() != len(dims):
+        raise ValueError(f"{name} must have {len(dims)} dimensions ({', '.join(dims)}), got {describe(t)}")
+
+
+def dtype_in(name, t, dtypes):
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} must be one of {names}, got {describe(t)}")
+
+
+def same_dtype(**tensors):
+    (first, t0), *rest = tensors.items()
+    for name, t in rest:
+        if t.dtype != t0.dtype:
+            shown = ", ".join(f"{n}: {describe(x)}" for n, x in tensors.items())
+            raise TypeError(f"{first} and {name} must have the same dtype; got {shown}")
+
+
+def same_device(**tensors):
+    (first, t0), *rest = tensors.items()
+    for name, t in rest:
+        if t.device != t0.device:
+            shown = ", ".join(f"{n}: {describe(x)}" for n, x in tensors.items())
+            raise ValueError(f"{first} and {name} must be on the same device; got {shown}")
+
+
+def size_equal(name_a, a, dim_a, name_b, b, dim_b):
+    if a.shape[dim_a] != b.shape[dim_b]:
+        raise ValueError(
+            f"{name_a}.shape[{dim_a}] must equal {name_b}.shape[{dim_b}]; got {name_a}: {describe(a)}, {name_b}: {describe(b)}"
+        )
+
+
+def index(name, idx, x_name, x):
+    """`idx` is an int64 (B, n) index for the (B, L, ...) tensor `x`."""
+    tensor(name, idx, "B n")
+    dtype_in(name, idx, (torch.int64,))
+    same_device(**{x_name: x, name: idx})
+    size_equal(name, idx, 0, x_name, x, 0)
+
+
+def mask(name, m, x_name=None, x=None):
+    """`m` is a bool (B, L) mask, matching the first two dims of `x` when given."""
+    tensor(name, m, "B L")
+    dtype_in(name, m, (torch.bool,))
+    if x is not None:
+        same_device(**{x_name: x, name: m})
+        size_equal(name, m, 0, x_name, x, 0)
+        size_equal(name, m, 1, x_name, x, 1)
+
+
+def count(name, n, upper, upper_desc):
+    """`n` is an int in [0, upper]."""
+    if isinstance(n, bool) or not isinstance(n, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"{name} must be an int, got {type(n).__name__}")
+    if isinstance(n, numbers.Integral) and not 0 <= n <= upper:
+        raise ValueError(f"{name} must be in [0, {upper}] ({upper_desc}), got {n}")
+
+
+def uniform_row_count(name, m):
+    """The number of True entries per row of `m`, which must be the same in every row (one host sync)."""
+    counts = m.sum(dim=1)
+    if counts.numel() == 0:
+        return 0
+    lo, hi = torch.stack(torch.aminmax(counts)).tolist()  # one host sync
+    if lo != hi:
+        raise ValueError(
+            f"every row of {name} must have the same number of True entries; got counts from {lo} to {hi} "
+            f"({name}: {describe(m)})"
+        )
+    return lo
+
+
+# Value checks, run inside the op kernels.
+
+
+def values_checked(t):
+    """Whether to check the values of `t`: free on CPU, a host sync on a GPU (debug mode only)."""
+    return t.device.type == "cpu" or os.environ.get(ENV_DEBUG, "0") == "1"
+
+
+def index_values(name, idx, upper=None):
+    """Positions in [0, upper), strictly ascending within each row."""
+    if idx.numel() == 0 or not values_checked(idx):
+        return
+    lo, hi = (int(v) for v in torch.aminmax(idx))
+    if lo < 0 or (upper is not None and hi >= upper):
+        bound = f"[0, {upper})" if upper is not None else "[0, inf)"
+        raise ValueError(f"{name} holds positions outside {bound}: min {lo}, max {hi} ({name}: {describe(idx)})")
+    if idx.shape[1] > 1 and not bool((idx[:, 1:] > idx[:, :-1]).all()):
+        raise ValueError(f"{name} must hold strictly ascending (so unique) positions in each row ({name}: {describe(idx)})")
+
+
+def mask_counts(name, m, n):
+    """Every row of `m` has exactly n True entries."""
+    if m.numel() == 0 or not values_checked(m):
+        return
+    counts = m.sum(dim=1)
+    if not bool((counts == n).all()):
+        lo, hi = (int(v) for v in torch.aminmax(counts))
+        raise ValueError(
+            f"every row of {name} must have {n} True entries; got counts from {lo} to {hi} ({name}: {describe(m)})"
+        )

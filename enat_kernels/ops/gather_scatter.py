@@ -1,0 +1,270 @@
+"""gather_tokens, scatter_tokens, scatter_tokens_: move token rows between a full sequence
+x (B, L, D) and a packed set (B, n, D), given positions index (B, n).
+
+Precondition: index is int64 with ascending, hence unique, positions in [0, L) in each row (what
+mask_to_index returns). Because rows are unique, the backward of a gather is a scatter and the
+backward of a scatter is a gather, with no atomics. The values are checked for CPU tensors, and for
+CUDA tensors with ENAT_KERNELS_DEBUG=1 (a host sync); the fast path does not check them.
+"""
+
+import torch
+
+from .. import triton_utils
+from .._library import register_router
+from ..backends import Dispatcher
+from . import _checks
+
+triton, tl = triton_utils.triton, triton_utils.tl
+
+# Reference (plain PyTorch).
+
+
+def _rows(index, D):
+    return index.unsqueeze(-1).expand(-1, -1, D)
+
+
+def gather_tokens_reference(x, index):
+    return torch.gather(x, 1, _rows(index, x.shape[2]))
+
+
+def scatter_tokens_reference(base, index, src):
+    return base.scatter(1, _rows(index, base.shape[2]), src)
+
+
+def scatter_tokens_inplace_reference(base, index, src):
+    base.scatter_(1, _rows(index, base.shape[2]), src)
+
+
+# Triton.
+
+TRITON_DTYPES = (
+    torch.float16, torch.bfloat16, torch.float32, torch.float64,
+    torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64,
+)
+
+if triton is not None:
+
+    @triton.autotune(
+        configs=triton_utils.autotune_configs(
+            [
+                triton.Config({"BLOCK_N": 4, "BLOCK_D": 256}, num_warps=4),
+                triton.Config({"BLOCK_N": 2, "BLOCK_D": 512}, num_warps=4),
+                triton.Config({"BLOCK_N": 1, "BLOCK_D": 1024}, num_warps=4),
+                triton.Config({"BLOCK_N": 8, "BLOCK_D": 128}, num_warps=4),
+            ]
+        ),
+        key=["D", "SRC_INDEXED", "DST_INDEXED"],
+    )
+    @triton.jit
+    def _copy_rows_kernel(
+        src_ptr, dst_ptr, index_ptr, n, D,
+        src_stride_b, src_stride_l, dst_stride_b, dst_stride_l, index_stride_b, index_stride_n,
+        SRC_INDEXED: tl.constexpr, DST_INDEXED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """dst[b, r_dst(j)] = src[b, r_src(j)] for j < n, with r(j) = index[b, j] on the indexed side, j on the other."""
+        pid = tl.program_id(0)
+        blocks_per_row = tl.cdiv(n, BLOCK_N)
+        b = (pid // blocks_per_row).to(tl.int64)
+        j = (pid % blocks_per_row) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = j < n
+        position = tl.load(index_ptr + b * index_stride_b + j.to(tl.int64) * index_stride_n, mask=row_ok, other=0)
+        src_row = position if SRC_INDEXED else j.to(tl.int64)
+        dst_row = position if DST_INDEXED else j.to(tl.int64)
+        src = src_ptr + b * src_stride_b + src_row[:, None] * src_stride_l
+        dst = dst_ptr + b * dst_stride_b + dst_row[:, None] * dst_stride_l
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            m = row_ok[:, None] & (cols[None, :] < D)
+            tl.store(dst + cols[None, :], tl.load(src + cols[None, :], mask=m), mask=m)
+
+
+def _copy_rows_triton(src, dst, index, src_indexed):
+    """Gather (src_indexed) or scatter rows between src and dst along dim 1 at index (B, n)."""
+    B, n = index.shape
+    D = dst.shape[2]
+    if B == 0 or n == 0 or D == 0:
+        return
+
+    def grid(meta):
+        return (B * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    _copy_rows_kernel[grid](
+        src, dst, index, n, D,
+        src.stride(0), src.stride(1), dst.stride(0), dst.stride(1), index.stride(0), index.stride(1),
+        SRC_INDEXED=src_indexed, DST_INDEXED=not src_indexed,
+    )
+
+
+def gather_tokens_triton(x, index):
+    out = x.new_empty((x.shape[0], index.shape[1], x.shape[2]))
+    _copy_rows_triton(x, out, index, src_indexed=True)
+    return out
+
+
+def scatter_tokens_inplace_triton(base, index, src):
+    _copy_rows_triton(src, base, index, src_indexed=False)
+
+
+def scatter_tokens_triton(base, index, src):
+    out = base.clone(memory_format=torch.contiguous_format)
+    scatter_tokens_inplace_triton(out, index, src)
+    return out
+
+
+def _rows_why_not(**tensors):
+    """Limits shared by the Triton and CUDA row-copy kernels."""
+    reasons = []
+    for name, t in tensors.items():
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            reasons.append(f"{name} is not contiguous in its last dimension (strides {t.stride()})")
+    return reasons
+
+
+def _triton_why_not(**tensors):
+    reasons = _rows_why_not(**tensors)
+    for name, t in tensors.items():
+        if t.dtype not in TRITON_DTYPES:
+            reasons.append(f"the Triton kernels do not move {t.dtype} ({name})")
+    return reasons
+
+
+# CUDA (csrc/cuda/gather_tokens.cu).
+
+
+def gather_tokens_cuda(x, index):
+    return torch.ops.enat.gather_tokens_cuda(x, index)
+
+
+# Dispatch, registration, autograd.
+
+GATHER = Dispatcher("gather_tokens")
+GATHER.register("reference", gather_tokens_reference)
+GATHER.register("triton", gather_tokens_triton, lambda x, index: _triton_why_not(x=x))
+GATHER.register("cuda", gather_tokens_cuda, lambda x, index: _rows_why_not(x=x))
+
+SCATTER = Dispatcher("scatter_tokens")
+SCATTER.register("reference", scatter_tokens_reference)
+SCATTER.register("triton", scatter_tokens_triton, lambda base, index, src: _triton_why_not(base=base, src=src))
+
+SCATTER_ = Dispatcher("scatter_tokens_")
+SCATTER_.register("reference", scatter_tokens_inplace_reference)
+SCATTER_.register("triton", scatter_tokens_inplace_triton, lambda base, index, src: _triton_why_not(base=base, src=src))
+
+
+def _gather_router(x, index, backend):
+    _checks.index_values("index", index, x.shape[1])
+    return GATHER.run(backend, x.device, x, index)
+
+
+def _scatter_router(base, index, src, backend):
+    _checks.index_values("index", index, base.shape[1])
+    return SCATTER.run(backend, base.device, base, index, src)
+
+
+def _scatter_inplace_router(base, index, src, backend):
+    _checks.index_values("index", index, base.shape[1])
+    SCATTER_.run(backend, base.device, base, index, src)
+
+
+register_router("gather_tokens", _gather_router)
+register_router("scatter_tokens", _scatter_router)
+register_router("scatter_tokens_", _scatter_inplace_router)
+
+
+@torch.library.register_fake("enat::gather_tokens")
+def _gather_fake(x, index, backend):
+    return x.new_empty((x.shape[0], index.shape[1], x.shape[2]))
+
+
+@torch.library.register_fake("enat::scatter_tokens")
+def _scatter_fake(base, index, src, backend):
+    return torch.empty_like(base)
+
+
+@torch.library.register_fake("enat::scatter_tokens_")
+def _scatter_inplace_fake(base, index, src, backend):
+    return None
+
+
+def _call_gather(x, index, backend=None, preferred=None):
+    chosen = GATHER.select(backend, x.device, x, index, preferred=preferred)
+    return torch.ops.enat.gather_tokens(x, index, chosen)
+
+
+def _call_scatter(base, index, src, backend=None, preferred=None):
+    chosen = SCATTER.select(backend, base.device, base, index, src, preferred=preferred)
+    return torch.ops.enat.scatter_tokens(base, index, src, chosen)
+
+
+def _gather_setup(ctx, inputs, output):
+    x, index, backend = inputs
+    ctx.save_for_backward(index)
+    ctx.x_shape = x.shape
+    ctx.backend = backend
+
+
+def _gather_backward(ctx, grad):
+    (index,) = ctx.saved_tensors
+    grad_x = _call_scatter(grad.new_zeros(ctx.x_shape), index, grad, preferred=ctx.backend)
+    return grad_x, None, None
+
+
+def _scatter_setup(ctx, inputs, output):
+    base, index, src, backend = inputs
+    ctx.save_for_backward(index)
+    ctx.src_shape = src.shape
+    ctx.backend = backend
+
+
+def _scatter_backward(ctx, grad):
+    (index,) = ctx.saved_tensors
+    grad_base = grad_src = None
+    if ctx.needs_input_grad[0]:
+        grad_base = _call_scatter(grad, index, grad.new_zeros(ctx.src_shape), preferred=ctx.backend)
+    if ctx.needs_input_grad[2]:
+        grad_src = _call_gather(grad, index, preferred=ctx.backend)
+    return grad_base, None, grad_src, None
+
+
+torch.library.register_autograd("enat::gather_tokens", _gather_backward, setup_context=_gather_setup)
+torch.library.register_autograd("enat::scatter_tokens", _scatter_backward, setup_context=_scatter_setup)
+
+
+# Public API.
+
+
+def _check_scatter(base, index, src):
+    _checks.tensor("base", base, "B L D")
+    _checks.index("index", index, "base", base)
+    _checks.tensor("src", src, "B n D")
+    _checks.same_device(base=base, src=src)
+    _checks.same_dtype(base=base, src=src)
+    _checks.size_equal("src", src, 0, "base", base, 0)
+    _checks.size_equal("src", src, 1, "index", index, 1)
+    _checks.size_equal("src", src, 2, "base", base, 2)
+
+
+def gather_tokens(x, index, *, backend=None):
+    """Rows of x at index: x (B, L, D), index (B, n) int64 ascending positions -> (B, n, D)."""
+    _checks.tensor("x", x, "B L D")
+    _checks.index("index", index, "x", x)
+    return _call_gather(x, index, backend)
+
+
+def scatter_tokens(base, index, src, *, backend=None):
+    """Copy of base (B, L, D) with the rows at index (B, n) replaced by src (B, n, D)."""
+    _check_scatter(base, index, src)
+    return _call_scatter(base, index, src, backend)
+
+
+def scatter_tokens_(base, index, src, *, backend=None):
+    """In-place scatter_tokens: writes src (B, n, D) into base (B, L, D) at index (B, n); returns base.
+
+    Not differentiable (use scatter_tokens under autograd).
+    """
+    _check_scatter(base, index, src)
+    if torch.is_grad_enabled() and (base.requires_grad or src.requires_grad):
+        raise ValueError("scatter_tokens_ is not differentiable (base or src requires grad); use scatter_tokens")
+    chosen = SCATTER_.select(backend, base.device, base, index, src)
+    torch.ops.enat.scatter_tokens_(base, index, src, chosen)
+    return base

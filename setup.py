@@ -1,0 +1,121 @@
+"""Build enat_kernels: the Python packages, plus the CUDA extension enat_kernels._C when possible.
+
+    pip install --no-build-isolation -e .
+
+The extension is built when torch is a CUDA build and nvcc is found (CUDA_HOME, nvcc on PATH, or
+/usr/local/cuda). Environment switches:
+
+    ENAT_KERNELS_BUILD_CUDA=0   never build the extension (pure-Python install)
+    ENAT_KERNELS_BUILD_CUDA=1   build it or fail with the reason
+    TORCH_CUDA_ARCH_LIST        GPU architectures to compile for (default "8.0;9.0")
+    MAX_JOBS                    parallel compile jobs (default: bounded by cores and memory)
+"""
+
+import glob
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_ARCHS = "8.0;9.0"
+GIB_PER_JOB = 8  # nvcc on a translation unit that includes the torch headers
+
+
+def _find_cuda_home():
+    """The CUDA install folder (the parent of nvcc's bin/), or None."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+    for c in candidates:
+        if c and (Path(c) / "bin" / "nvcc").exists() and (Path(c) / "include" / "cuda_runtime.h").exists():
+            return c
+    return None
+
+
+def _pip_cuda_include_dirs():
+    """Header folders of the pip-installed CUDA libraries (nvidia/cu13/include and the like)."""
+    dirs = []
+    for site in sys.path:
+        dirs += glob.glob(os.path.join(site, "nvidia", "cu*", "include"))
+        dirs += glob.glob(os.path.join(site, "nvidia", "*", "include"))
+    return sorted({d for d in dirs if os.path.isdir(d)})
+
+
+def _cuda_build_plan():
+    """(True, None) to build the extension, or (False, reason)."""
+    switch = os.environ.get("ENAT_KERNELS_BUILD_CUDA", "").strip()
+    if switch not in ("", "0", "1"):
+        raise SystemExit(f"ENAT_KERNELS_BUILD_CUDA must be 0, 1 or unset, got {switch!r}")
+    if switch == "0":
+        return False, "ENAT_KERNELS_BUILD_CUDA=0"
+    try:
+        import torch
+    except ImportError:
+        reason = "torch is not installed (install it first and use --no-build-isolation)"
+    else:
+        cuda_home = _find_cuda_home()
+        if torch.version.cuda is None:
+            reason = f"torch {torch.__version__} is a CPU-only build"
+        elif cuda_home is None:
+            reason = "nvcc was not found (set CUDA_HOME)"
+        else:
+            os.environ["CUDA_HOME"] = cuda_home
+            return True, None
+    if switch == "1":
+        raise SystemExit(f"ENAT_KERNELS_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
+    return False, reason
+
+
+def _default_max_jobs():
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gib = 16
+    return max(1, min(os.cpu_count() or 1, int(mem_gib // GIB_PER_JOB)))
+
+
+def _extension_kwargs():
+    build, reason = _cuda_build_plan()
+    if not build:
+        print(f"enat_kernels: CUDA backend skipped ({reason}); installing the reference and Triton backends only")
+        return {}
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp"))
+    sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
+    ext = CUDAExtension(
+        name="enat_kernels._C",
+        sources=sources,
+        include_dirs=[str(ROOT / "csrc")] + _pip_cuda_include_dirs(),
+        define_macros=[("ENAT_KERNELS_PYTHON_MODULE", None)],
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++20"],
+            "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"],
+        },
+    )
+    print(
+        f"enat_kernels: building the CUDA backend for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
+        f"with MAX_JOBS={os.environ['MAX_JOBS']} (CUDA_HOME={os.environ['CUDA_HOME']})"
+    )
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+
+
+setup(
+    name="enat_kernels",
+    version="0.1.0",
+    description="Triton and CUDA kernels for ENAT-style non-autoregressive image generators",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["enat_kernels", "enat_kernels.*", "enat", "enat.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.5", "numpy"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "einops"]},
+    zip_safe=False,
+    **_extension_kwargs(),
+)

@@ -1,0 +1,67 @@
+"""Shared test helpers: where each backend runs, awkward inputs, the error budget."""
+
+import pytest
+import torch
+
+from enat_kernels import triton_utils
+
+HAS_GPU = torch.cuda.is_available()
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU; this machine has none (CPU paths run here)")
+needs_triton = pytest.mark.skipif(triton_utils.triton is None, reason="triton is not installed")
+
+
+def triton_device():
+    """Where Triton kernels run in this session: CPU tensors under the interpreter, else the GPU."""
+    return "cpu" if triton_utils.INTERPRET else "cuda"
+
+
+def _fill_value(dtype):
+    if dtype.is_floating_point:
+        return float("nan")
+    if dtype == torch.bool:
+        return True
+    return torch.iinfo(dtype).max  # an out-of-range position if read as an index
+
+
+def padded(t, extra=64):
+    """A copy of t whose storage runs on past its logical end, filled with NaN (or an int sentinel),
+    so that an out-of-bounds read shows up in the result."""
+    flat = torch.full((t.numel() + extra,), _fill_value(t.dtype), dtype=t.dtype, device=t.device)
+    out = flat[: t.numel()].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def strided(t, pad=5):
+    """A copy of t with the same values, its last dim still contiguous but every other stride padded
+    (the gaps and the tail hold NaN), like a slice of a wider projection output."""
+    full = torch.full((*t.shape[:-1], t.shape[-1] + pad), _fill_value(t.dtype), dtype=t.dtype, device=t.device)
+    view = full[..., : t.shape[-1]]
+    view.copy_(t)
+    return view
+
+
+def heads_view(t):
+    """A copy of t (B, H, L, D) stored as (B, L, H, D) and permuted back: the layout of a projection
+    output split into heads. Last dim contiguous, other dims not in order."""
+    B, H, L, D = t.shape
+    store = torch.full((B, L, H, D + 3), _fill_value(t.dtype), dtype=t.dtype, device=t.device)[..., :D]
+    view = store.permute(0, 2, 1, 3)
+    view.copy_(t)
+    return view
+
+
+def max_error(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_within_budget(out, oracle, torch_same_dtype, factor, what=""):
+    """The FlashAttention rule: a kernel's error against the fp64 oracle is at most `factor` times
+    the error of the same-dtype PyTorch computation, plus one ulp of the output dtype at the
+    oracle's scale."""
+    if out.numel() == 0:
+        return
+    err = max_error(out, oracle)
+    base = max_error(torch_same_dtype, oracle)
+    ulp = torch.finfo(out.dtype).eps * oracle.double().abs().max().item()
+    assert err <= factor * base + ulp, f"{what}: error {err:.3e} > {factor} x {base:.3e} (torch) + {ulp:.3e} (ulp)"
