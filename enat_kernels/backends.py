@@ -80,7 +80,8 @@ class Dispatcher:
         return reasons
 
     def select(self, backend, device, *args, preferred=None):
-        """The backend to run: the forced one, else `preferred` if it can serve, else the first that can."""
+        """The backend to run: the forced one, else `preferred` (the backend of the forward, for a
+        backward) if it can serve, else the first in order of preference that can."""
         forced, source = requested_backend(backend)
         if forced is not None:
             reasons = self.reasons(forced, device, args, forced=True)
@@ -89,7 +90,7 @@ class Dispatcher:
                     f"{source} cannot serve enat::{self.op} for these inputs:\n  - " + "\n  - ".join(reasons)
                 )
             return forced
-        if preferred is not None and not self.reasons(preferred, device, args):
+        if preferred is not None and not self.reasons(preferred, device, args, forced=True):
             return preferred
         why = {}
         for candidate in self.order:
@@ -109,7 +110,3 @@ class Dispatcher:
                 f"backend {backend!r} cannot serve enat::{self.op} for these inputs:\n  - " + "\n  - ".join(reasons)
             )
         return self.impls[backend].run(*args)
-
-    def available(self, device, *args):
-        """{backend: reasons it cannot serve (empty when it can)} for every backend, auto mode."""
-        return {b: self.reasons(b, device, args) for b in BACKENDS}

@@ -58,7 +58,8 @@ if triton is not None:
     @triton.jit
     def _copy_rows_kernel(
         src_ptr, dst_ptr, index_ptr, n, D,
-        src_stride_b, src_stride_l, dst_stride_b, dst_stride_l, index_stride_b, index_stride_n,
+        src_stride_b, src_stride_l, src_stride_d, dst_stride_b, dst_stride_l, dst_stride_d,
+        index_stride_b, index_stride_n,
         SRC_INDEXED: tl.constexpr, DST_INDEXED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """dst[b, r_dst(j)] = src[b, r_src(j)] for j < n, with r(j) = index[b, j] on the indexed side, j on the other."""
@@ -73,9 +74,10 @@ if triton is not None:
         src = src_ptr + b * src_stride_b + src_row[:, None] * src_stride_l
         dst = dst_ptr + b * dst_stride_b + dst_row[:, None] * dst_stride_l
         for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
+            cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
             m = row_ok[:, None] & (cols[None, :] < D)
-            tl.store(dst + cols[None, :], tl.load(src + cols[None, :], mask=m), mask=m)
+            value = tl.load(src + cols[None, :] * src_stride_d, mask=m)
+            tl.store(dst + cols[None, :] * dst_stride_d, value, mask=m)
 
 
 def _copy_rows_triton(src, dst, index, src_indexed):
@@ -90,7 +92,7 @@ def _copy_rows_triton(src, dst, index, src_indexed):
 
     _copy_rows_kernel[grid](
         src, dst, index, n, D,
-        src.stride(0), src.stride(1), dst.stride(0), dst.stride(1), index.stride(0), index.stride(1),
+        *src.stride(), *dst.stride(), *index.stride(),
         SRC_INDEXED=src_indexed, DST_INDEXED=not src_indexed,
     )
 
@@ -111,8 +113,7 @@ def scatter_tokens_triton(base, index, src):
     return out
 
 
-def _rows_why_not(**tensors):
-    """Limits shared by the Triton and CUDA row-copy kernels."""
+def _cuda_why_not(**tensors):
     reasons = []
     for name, t in tensors.items():
         if t.shape[-1] > 1 and t.stride(-1) != 1:
@@ -121,7 +122,7 @@ def _rows_why_not(**tensors):
 
 
 def _triton_why_not(**tensors):
-    reasons = _rows_why_not(**tensors)
+    reasons = []
     for name, t in tensors.items():
         if t.dtype not in TRITON_DTYPES:
             reasons.append(f"the Triton kernels do not move {t.dtype} ({name})")
@@ -140,7 +141,7 @@ def gather_tokens_cuda(x, index):
 GATHER = Dispatcher("gather_tokens")
 GATHER.register("reference", gather_tokens_reference)
 GATHER.register("triton", gather_tokens_triton, lambda x, index: _triton_why_not(x=x))
-GATHER.register("cuda", gather_tokens_cuda, lambda x, index: _rows_why_not(x=x))
+GATHER.register("cuda", gather_tokens_cuda, lambda x, index: _cuda_why_not(x=x))
 
 SCATTER = Dispatcher("scatter_tokens")
 SCATTER.register("reference", scatter_tokens_reference)
@@ -263,6 +264,8 @@ def scatter_tokens_(base, index, src, *, backend=None):
     Not differentiable (use scatter_tokens under autograd).
     """
     _check_scatter(base, index, src)
+    if any(stride == 0 and size > 1 for stride, size in zip(base.stride(), base.shape)):
+        raise ValueError(f"base must not be an expanded view (strides {base.stride()}): rows would alias ({_checks.describe(base)})")
     if torch.is_grad_enabled() and (base.requires_grad or src.requires_grad):
         raise ValueError("scatter_tokens_ is not differentiable (base or src requires grad); use scatter_tokens")
     chosen = SCATTER_.select(backend, base.device, base, index, src)

@@ -1,0 +1,37 @@
+# Quick start (see README.md):
+#   make bench   set up .venv, build the CUDA extension where possible, run the benchmarks
+#   make test    set up .venv, build, run the tests and build the C++ library
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.14.1
+BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
+CMAKE_BUILD := build/cmake
+BENCH_FLAGS ?= --benchmark-columns=median,iqr,rounds --benchmark-autosave
+
+.PHONY: setup test bench cpp clean
+
+$(VENV)/.ready: $(BUILD_INPUTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)" numpy pytest pytest-benchmark ninja einops setuptools wheel
+	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+setup: $(VENV)/.ready
+
+test: setup cpp
+	$(PY) -m pytest tests/ -ra
+	$(PY) -m pytest benchmarks/ --benchmark-disable -q
+
+bench: setup
+	$(PY) -m pytest benchmarks/ --benchmark-only $(BENCH_FLAGS)
+
+# The C++ library for libtorch programs, and the example that loads it.
+cpp: setup
+	CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} cmake -S . -B $(CMAKE_BUILD) -G Ninja \
+		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake --build $(CMAKE_BUILD)
+	$(CMAKE_BUILD)/enat_ops_example
+
+clean:
+	rm -rf build $(VENV) enat_kernels/_C*.so *.egg-info .benchmarks
