@@ -15,6 +15,7 @@ $(VENV)/.ready: $(BUILD_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)" numpy pytest pytest-benchmark ninja einops setuptools wheel
 	$(PY) -m pip install -q --no-build-isolation -e .
+	$(PY) -c "import enat_kernels as e; print('enat_kernels: CUDA extension', 'built' if e.EXTENSION_LOADED else 'not available: ' + e.EXTENSION_ERROR)"
 	touch $@
 
 setup: $(VENV)/.ready

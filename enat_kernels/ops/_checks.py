@@ -109,7 +109,7 @@ def index_values(name, idx, upper=None):
     """Positions in [0, upper), strictly ascending within each row."""
     if idx.numel() == 0 or not values_checked(idx):
         return
-    lo, hi = (int(v) for v in torch.aminmax(idx))
+    lo, hi = torch.stack(torch.aminmax(idx)).tolist()
     if lo < 0 or (upper is not None and hi >= upper):
         bound = f"[0, {upper})" if upper is not None else "[0, inf)"
         raise ValueError(f"{name} holds positions outside {bound}: min {lo}, max {hi} ({name}: {describe(idx)})")
@@ -117,13 +117,14 @@ def index_values(name, idx, upper=None):
         raise ValueError(f"{name} must hold strictly ascending (so unique) positions in each row ({name}: {describe(idx)})")
 
 
-def mask_counts(name, m, n):
-    """Every row of `m` has exactly n True entries."""
+def mask_counts(name, m, count_name, n):
+    """Every row of `m` has exactly n (given as `count_name`) True entries."""
     if m.numel() == 0 or not values_checked(m):
         return
     counts = m.sum(dim=1)
     if not bool((counts == n).all()):
-        lo, hi = (int(v) for v in torch.aminmax(counts))
+        lo, hi = torch.stack(torch.aminmax(counts)).tolist()
         raise ValueError(
-            f"every row of {name} must have {n} True entries; got counts from {lo} to {hi} ({name}: {describe(m)})"
+            f"every row of {name} must have {count_name} = {n} True entries; got counts from {lo} to {hi} "
+            f"({name}: {describe(m)})"
         )

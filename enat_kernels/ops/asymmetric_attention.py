@@ -32,12 +32,18 @@ def _segment_scores(q, keys, scale):
     return [torch.matmul(qa, k.to(acc).transpose(-1, -2)) * scale for k in keys]
 
 
+def _row_max(s):
+    return s.amax(dim=-1) if s.shape[-1] else s.new_full(s.shape[:-1], -math.inf)
+
+
 def asymmetric_attention_reference(q, k_ctx, v_ctx, k_self, v_self, scale):
     """Returns out (B, H, Lq, D) in q's dtype and lse (B, H, Lq) in the accumulator dtype."""
     scores = _segment_scores(q, (k_ctx, k_self), scale)
-    lse = torch.logaddexp(*(torch.logsumexp(s, dim=-1) for s in scores))
-    out = sum(torch.matmul(torch.exp(s - lse.unsqueeze(-1)), v.to(s.dtype)) for s, v in zip(scores, (v_ctx, v_self)))
-    return out.to(q.dtype), lse
+    m = torch.maximum(*(_row_max(s) for s in scores)).unsqueeze(-1)  # max over both segments
+    p = [torch.exp(s - m) for s in scores]
+    denom = p[0].sum(dim=-1, keepdim=True) + p[1].sum(dim=-1, keepdim=True)
+    out = sum(torch.matmul(pi, v.to(pi.dtype)) for pi, v in zip(p, (v_ctx, v_self))) / denom
+    return out.to(q.dtype), (m + torch.log(denom)).squeeze(-1)
 
 
 def asymmetric_attention_backward_reference(grad_out, q, k_ctx, v_ctx, k_self, v_self, out, lse, scale):

@@ -10,7 +10,7 @@ CUDA tensors with ENAT_KERNELS_DEBUG=1 (a host sync); the fast path does not che
 import torch
 
 from .. import triton_utils
-from .._library import register_router
+from .._library import EXTENSION_LOADED, register_router
 from ..backends import Dispatcher
 from . import _checks
 
@@ -28,7 +28,9 @@ def gather_tokens_reference(x, index):
 
 
 def scatter_tokens_reference(base, index, src):
-    return base.scatter(1, _rows(index, base.shape[2]), src)
+    out = base.clone(memory_format=torch.contiguous_format)
+    out.scatter_(1, _rows(index, base.shape[2]), src)
+    return out
 
 
 def scatter_tokens_inplace_reference(base, index, src):
@@ -173,13 +175,17 @@ register_router("scatter_tokens_", _scatter_inplace_router)
 
 
 @torch.library.register_fake("enat::gather_tokens")
-def _gather_fake(x, index, backend):
+def _gather_fake(x, index, backend=None):
     return x.new_empty((x.shape[0], index.shape[1], x.shape[2]))
+
+
+if EXTENSION_LOADED:
+    torch.library.register_fake("enat::gather_tokens_cuda")(_gather_fake)
 
 
 @torch.library.register_fake("enat::scatter_tokens")
 def _scatter_fake(base, index, src, backend):
-    return torch.empty_like(base)
+    return torch.empty_like(base, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("enat::scatter_tokens_")

@@ -23,7 +23,7 @@ MASK_TO_INDEX.register("reference", mask_to_index_reference)
 
 
 def _router(mask, count, backend):
-    _checks.mask_counts("mask", mask, count)
+    _checks.mask_counts("mask", mask, "count", count)
     return MASK_TO_INDEX.run(backend, mask.device, mask, count)
 
 

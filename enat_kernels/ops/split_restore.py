@@ -40,12 +40,12 @@ RESTORE.register("reference", restore_tokens_reference)
 
 
 def _split_router(x, mask, n_masked, backend):
-    _checks.mask_counts("mask", mask, n_masked)
+    _checks.mask_counts("mask", mask, "n_masked", n_masked)
     return SPLIT.run(backend, x.device, x, mask, n_masked)
 
 
 def _restore_router(visible, masked, mask, backend):
-    _checks.mask_counts("mask", mask, masked.shape[1])
+    _checks.mask_counts("mask", mask, "masked.shape[1]", masked.shape[1])
     return RESTORE.run(backend, visible.device, visible, masked, mask)
 
 

@@ -1,0 +1,30 @@
+"""setup.py's build switches, run as a user would run them (no compilation happens here)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setup_py(**env):
+    return subprocess.run(
+        [sys.executable, "setup.py", "--version"], cwd=ROOT, env={**os.environ, **env},
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_skipping_the_cuda_build_says_so_in_one_line():
+    result = _setup_py(ENAT_KERNELS_BUILD_CUDA="0")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("enat_kernels:")]
+    assert lines == [
+        "enat_kernels: CUDA backend skipped (ENAT_KERNELS_BUILD_CUDA=0); installing the reference and Triton backends only"
+    ]
+
+
+def test_unknown_build_switch_is_an_error_naming_it():
+    result = _setup_py(ENAT_KERNELS_BUILD_CUDA="yes")
+    assert result.returncode != 0
+    assert "ENAT_KERNELS_BUILD_CUDA must be 0, 1 or unset, got 'yes'" in result.stderr
