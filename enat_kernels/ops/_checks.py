@@ -34,20 +34,20 @@ def dtype_in(name, t, dtypes):
         raise TypeError(f"{name} must be one of {names}, got {describe(t)}")
 
 
-def same_dtype(**tensors):
+def _same(attr, error, **tensors):
     (first, t0), *rest = tensors.items()
     for name, t in rest:
-        if t.dtype != t0.dtype:
+        if getattr(t, attr) != getattr(t0, attr):
             shown = ", ".join(f"{n}: {describe(x)}" for n, x in tensors.items())
-            raise TypeError(f"{first} and {name} must have the same dtype; got {shown}")
+            raise error(f"{first} and {name} must have the same {attr}; got {shown}")
+
+
+def same_dtype(**tensors):
+    _same("dtype", TypeError, **tensors)
 
 
 def same_device(**tensors):
-    (first, t0), *rest = tensors.items()
-    for name, t in rest:
-        if t.device != t0.device:
-            shown = ", ".join(f"{n}: {describe(x)}" for n, x in tensors.items())
-            raise ValueError(f"{first} and {name} must be on the same device; got {shown}")
+    _same("device", ValueError, **tensors)
 
 
 def size_equal(name_a, a, dim_a, name_b, b, dim_b):
