@@ -122,8 +122,6 @@ def test_backward_keeps_the_forward_backend_when_it_can(monkeypatch):
     """A Triton gather's backward runs the Triton scatter; a CUDA one, with no CUDA scatter yet, the
     next backend that can serve."""
     device = triton_device()
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU for compiled Triton")
     x, index = _tokens()
     x, index = x.to(device), index.to(device)
     calls = []
