@@ -13,10 +13,12 @@ import numbers
 
 import torch
 
+from .. import triton_utils
 from .._library import register_router
 from ..backends import Dispatcher
 from . import _checks
 
+triton, tl = triton_utils.triton, triton_utils.tl
 
 def _accumulator_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -64,13 +66,307 @@ def asymmetric_attention_backward_reference(grad_out, q, k_ctx, v_ctx, k_self, v
     return (dq.to(q.dtype), *grads)
 
 
-# Dispatch, registration, autograd. The Triton and CUDA kernels register here as they are added.
+# Triton: flash-style tiling, one online softmax over the context tiles then the self tiles, fp32
+# accumulation, exp2 with log2(e) folded into the scale. The head dim is padded to a power of two
+# >= 16 with masked loads. Offsets of batch, head and row are 64-bit. The backward recomputes the
+# probabilities from lse: one kernel for delta = rowsum(dO * O), one launch per key segment for
+# dK/dV (looping over query tiles), one for dQ (looping over both key segments); no atomics, so
+# results are deterministic.
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_MAX_D = 128
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+if triton is not None:
+
+    @triton.jit
+    def _fwd_segment(acc, m_i, l_i, q, k_ptr, v_ptr, length, stride_kl, stride_vl, offs_d, d_ok, qk_scale,
+                     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+        """Fold one key segment into the running (acc, row max m_i, row sum l_i), log2 domain."""
+        for start in range(0, length, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            n_ok = n < length
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + n[:, None].to(tl.int64) * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + n[:, None].to(tl.int64) * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        return acc, m_i, l_i
+
+    @triton.autotune(
+        configs=triton_utils.autotune_configs(
+            [
+                triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+                triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+                triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+                triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+            ]
+        ),
+        key=["BLOCK_D", "PRECISION"],
+    )
+    @triton.jit
+    def _attention_fwd_kernel(
+        q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, out_ptr, lse_ptr,
+        H, Lq, Lc, Ls, D, qk_scale,
+        sq_b, sq_h, sq_l, skc_b, skc_h, skc_l, svc_b, svc_h, svc_l,
+        sks_b, sks_h, sks_l, svs_b, svs_h, svs_l, so_b, so_h, so_l,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < Lq
+        d_ok = offs_d < D
+        rows = offs_m[:, None].to(tl.int64)
+        q = tl.load(q_ptr + b * sq_b + h * sq_h + rows * sq_l + offs_d[None, :],
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, kc_ptr + b * skc_b + h * skc_h, vc_ptr + b * svc_b + h * svc_h,
+                                     Lc, skc_l, svc_l, offs_d, d_ok, qk_scale, BLOCK_N, PRECISION)
+        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, ks_ptr + b * sks_b + h * sks_h, vs_ptr + b * svs_b + h * svs_h,
+                                     Ls, sks_l, svs_l, offs_d, d_ok, qk_scale, BLOCK_N, PRECISION)
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + b * so_b + h * so_h + rows * so_l + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & d_ok[None, :])
+        tl.store(lse_ptr + bh.to(tl.int64) * Lq + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_ok)
+
+    @triton.jit
+    def _bwd_delta_kernel(out_ptr, do_ptr, delta_ptr, H, Lq, D, so_b, so_h, so_l, sdo_b, sdo_h, sdo_l,
+                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """delta = rowsum(dO * O), the softmax-backward correction, (B, H, Lq) fp32."""
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < Lq
+        mask = m_ok[:, None] & (offs_d[None, :] < D)
+        rows = offs_m[:, None].to(tl.int64)
+        o = tl.load(out_ptr + b * so_b + h * so_h + rows * so_l + offs_d[None, :], mask=mask, other=0.0)
+        do = tl.load(do_ptr + b * sdo_b + h * sdo_h + rows * sdo_l + offs_d[None, :], mask=mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(delta_ptr + bh.to(tl.int64) * Lq + offs_m, delta, mask=m_ok)
+
+    @triton.autotune(
+        configs=triton_utils.autotune_configs(
+            [
+                triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+                triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+                triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+                triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=2),
+            ]
+        ),
+        key=["BLOCK_D", "PRECISION"],
+    )
+    @triton.jit
+    def _bwd_dkdv_kernel(
+        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+        H, Lq, Lk, D, qk_scale, scale,
+        sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sdo_b, sdo_h, sdo_l,
+        sdk_b, sdk_h, sdk_l, sdv_b, sdv_h, sdv_l,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """dK, dV of one key segment: a tile of keys against every query tile."""
+        pid_n = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        n_ok = offs_n < Lk
+        d_ok = offs_d < D
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        keys = offs_n[:, None].to(tl.int64)
+        k = tl.load(k_ptr + b * sk_b + h * sk_h + keys * sk_l + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + b * sv_b + h * sv_h + keys * sv_l + offs_d[None, :], mask=kv_mask, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        q_base = q_ptr + b * sq_b + h * sq_h
+        do_base = do_ptr + b * sdo_b + h * sdo_h
+        stats = bh.to(tl.int64) * Lq
+        for start in range(0, Lq, BLOCK_M):
+            offs_m = start + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < Lq
+            q_mask = m_ok[:, None] & d_ok[None, :]
+            rows = offs_m[:, None].to(tl.int64)
+            q = tl.load(q_base + rows * sq_l + offs_d[None, :], mask=q_mask, other=0.0)
+            do = tl.load(do_base + rows * sdo_l + offs_d[None, :], mask=q_mask, other=0.0)
+            lse2 = tl.load(lse_ptr + stats + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(delta_ptr + stats + offs_m, mask=m_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            p = tl.where(m_ok[:, None] & n_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        dk = dk * scale
+        tl.store(dk_ptr + b * sdk_b + h * sdk_h + keys * sdk_l + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
+                 mask=kv_mask)
+        tl.store(dv_ptr + b * sdv_b + h * sdv_h + keys * sdv_l + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty),
+                 mask=kv_mask)
+
+    @triton.jit
+    def _bwd_dq_segment(dq, q, do, lse2, delta, k_ptr, v_ptr, length, stride_kl, stride_vl, offs_d, d_ok, qk_scale,
+                        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+        for start in range(0, length, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            n_ok = n < length
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + n[:, None].to(tl.int64) * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + n[:, None].to(tl.int64) * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            p = tl.where(n_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        return dq
+
+    @triton.autotune(
+        configs=triton_utils.autotune_configs(
+            [
+                triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+                triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+                triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+            ]
+        ),
+        key=["BLOCK_D", "PRECISION"],
+    )
+    @triton.jit
+    def _bwd_dq_kernel(
+        q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+        H, Lq, Lc, Ls, D, qk_scale, scale,
+        sq_b, sq_h, sq_l, skc_b, skc_h, skc_l, svc_b, svc_h, svc_l,
+        sks_b, sks_h, sks_l, svs_b, svs_h, svs_l, sdo_b, sdo_h, sdo_l, sdq_b, sdq_h, sdq_l,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """dQ of a tile of queries, over both key segments."""
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < Lq
+        d_ok = offs_d < D
+        q_mask = m_ok[:, None] & d_ok[None, :]
+        rows = offs_m[:, None].to(tl.int64)
+        q = tl.load(q_ptr + b * sq_b + h * sq_h + rows * sq_l + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(do_ptr + b * sdo_b + h * sdo_h + rows * sdo_l + offs_d[None, :], mask=q_mask, other=0.0)
+        stats = bh.to(tl.int64) * Lq
+        lse2 = tl.load(lse_ptr + stats + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_ptr + stats + offs_m, mask=m_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        dq = _bwd_dq_segment(dq, q, do, lse2, delta, kc_ptr + b * skc_b + h * skc_h, vc_ptr + b * svc_b + h * svc_h,
+                             Lc, skc_l, svc_l, offs_d, d_ok, qk_scale, BLOCK_N, PRECISION)
+        dq = _bwd_dq_segment(dq, q, do, lse2, delta, ks_ptr + b * sks_b + h * sks_h, vs_ptr + b * svs_b + h * svs_h,
+                             Ls, sks_l, svs_l, offs_d, d_ok, qk_scale, BLOCK_N, PRECISION)
+        dq = dq * scale
+        tl.store(dq_ptr + b * sdq_b + h * sdq_h + rows * sdq_l + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
+                 mask=q_mask)
+
+
+def _triton_meta(q):
+    """Padded head dim and dot precision: exact fp32 products for fp32 inputs (no TF32)."""
+    return dict(BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])),
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _bhl_strides(*tensors):
+    return [s for t in tensors for s in t.stride()[:3]]
+
+
+def asymmetric_attention_triton(q, k_ctx, v_ctx, k_self, v_self, scale):
+    B, H, Lq, D = q.shape
+    out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+
+    def grid(meta):
+        return (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
+
+    _attention_fwd_kernel[grid](
+        q, k_ctx, v_ctx, k_self, v_self, out, lse,
+        H, Lq, k_ctx.shape[2], k_self.shape[2], D, scale * LOG2E,
+        *_bhl_strides(q, k_ctx, v_ctx, k_self, v_self, out), **_triton_meta(q),
+    )
+    return out, lse
+
+
+def asymmetric_attention_backward_triton(grad_out, q, k_ctx, v_ctx, k_self, v_self, out, lse, scale):
+    B, H, Lq, D = q.shape
+    grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k_ctx, v_ctx, k_self, v_self)]
+    dq, dk_ctx, dv_ctx, dk_self, dv_self = grads
+    if Lq == 0 or B * H * D == 0:
+        return tuple(g.zero_() for g in grads)
+    if grad_out.stride(-1) != 1:  # autograd may hand over an expanded gradient
+        grad_out = grad_out.contiguous()
+    meta = _triton_meta(q)
+    delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    _bwd_delta_kernel[(triton.cdiv(Lq, 64), B * H)](
+        out, grad_out, delta, H, Lq, D, *_bhl_strides(out, grad_out), BLOCK_M=64, BLOCK_D=meta["BLOCK_D"],
+    )
+    for k, v, dk, dv in ((k_ctx, v_ctx, dk_ctx, dv_ctx), (k_self, v_self, dk_self, dv_self)):
+        Lk = k.shape[2]
+        if Lk == 0:
+            continue
+        _bwd_dkdv_kernel[lambda m, Lk=Lk: (triton.cdiv(Lk, m["BLOCK_N"]), B * H)](
+            q, k, v, grad_out, lse, delta, dk, dv, H, Lq, Lk, D, scale * LOG2E, scale,
+            *_bhl_strides(q, k, v, grad_out, dk, dv), **meta,
+        )
+    _bwd_dq_kernel[lambda m: (triton.cdiv(Lq, m["BLOCK_M"]), B * H)](
+        q, k_ctx, v_ctx, k_self, v_self, grad_out, lse, delta, dq,
+        H, Lq, k_ctx.shape[2], k_self.shape[2], D, scale * LOG2E, scale,
+        *_bhl_strides(q, k_ctx, v_ctx, k_self, v_self, grad_out, dq), **meta,
+    )
+    return tuple(grads)
+
+
+def _kernel_why_not(*tensors, max_d, dtypes, what):
+    """Limits shared by the Triton and CUDA attention kernels."""
+    reasons = []
+    q = tensors[0]
+    if q.dtype not in dtypes:
+        reasons.append(f"the {what} attention kernels take {', '.join(str(d).removeprefix('torch.') for d in dtypes)}, "
+                       f"got {str(q.dtype).removeprefix('torch.')}")
+    if q.shape[-1] > max_d:
+        reasons.append(f"head dim {q.shape[-1]} is above the {what} kernels' {max_d}")
+    for name, t in zip(("q", "k_ctx", "v_ctx", "k_self", "v_self"), tensors):
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            reasons.append(f"{name} is not contiguous in its last dimension (strides {t.stride()})")
+    return reasons
+
+
+def _triton_forward_why_not(q, k_ctx, v_ctx, k_self, v_self, scale):
+    return _kernel_why_not(q, k_ctx, v_ctx, k_self, v_self, max_d=TRITON_MAX_D, dtypes=TRITON_DTYPES, what="Triton")
+
+
+def _triton_backward_why_not(grad_out, q, k_ctx, v_ctx, k_self, v_self, out, lse, scale):
+    return _kernel_why_not(q, k_ctx, v_ctx, k_self, v_self, max_d=TRITON_MAX_D, dtypes=TRITON_DTYPES, what="Triton")
+
+
+# Dispatch, registration, autograd.
 
 FORWARD = Dispatcher("asymmetric_attention")
 FORWARD.register("reference", asymmetric_attention_reference)
+FORWARD.register("triton", asymmetric_attention_triton, _triton_forward_why_not)
 
 BACKWARD = Dispatcher("asymmetric_attention_backward")
 BACKWARD.register("reference", asymmetric_attention_backward_reference)
+BACKWARD.register("triton", asymmetric_attention_backward_triton, _triton_backward_why_not)
 
 
 def _forward_router(q, k_ctx, v_ctx, k_self, v_self, scale, backend):
