@@ -37,5 +37,7 @@ TORCH_LIBRARY(enat, m) {
         "str backend) -> Tensor");
 
   // CUDA kernels (csrc/cuda/*.cu).
+  m.def("asymmetric_attention_cuda(Tensor q, Tensor k_ctx, Tensor v_ctx, Tensor k_self, Tensor v_self, "
+        "float scale) -> (Tensor, Tensor)");
   m.def("gather_tokens_cuda(Tensor x, Tensor index) -> Tensor");
 }

@@ -1,9 +1,11 @@
-"""enat_kernels.ops.asymmetric_attention against the fp64 oracle (tests/oracle.py).
+"""enat_kernels.ops.asymmetric_attention against the fp64 oracle (tests/oracle.py), on every backend
+that can run in this session.
 
 Forward and gradients follow the FlashAttention rule (OPS.md, Tolerances): the error against the
 fp64 oracle is at most 2x (forward) or 3x (gradients) the error of the naive same-dtype PyTorch
-computation (cat + matmul + softmax in the input dtype), plus a one-ulp floor. The reference
-backend runs on CPU here; `backend=None` (auto) also resolves to it on CPU tensors.
+computation (cat + matmul + softmax in the input dtype), plus a one-ulp floor. The reference (and
+auto) run on CPU tensors; Triton on the GPU, or on CPU tensors in its interpreter when there is no
+GPU; CUDA on the GPU only.
 """
 
 import math
@@ -19,6 +21,26 @@ import oracle
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 NAMES = ("q", "k_ctx", "v_ctx", "k_self", "v_self")
+
+# backend -> device its tensors live on in this session (None = auto, on CPU tensors).
+DEVICES = {"reference": "cpu", None: "cpu", "triton": helpers.triton_device(), "cuda": "cuda"}
+INTERPRETED_BF16 = "the Triton interpreter computes bf16 wrongly (a known interpreter limit); bf16 runs on a GPU"
+
+
+def backend_params(backends, dtypes=DTYPES):
+    """pytest params of (backend, dtype), marked to skip where the platform cannot run them."""
+    params = []
+    for backend in backends:
+        for name, dtype in dtypes.items():
+            marks = []
+            if DEVICES[backend] == "cuda":
+                marks.append(helpers.needs_gpu)
+            if backend == "triton":
+                marks.append(helpers.needs_triton)
+                if DEVICES[backend] == "cpu" and dtype == torch.bfloat16:
+                    marks.append(pytest.mark.skip(reason=INTERPRETED_BF16))
+            params.append(pytest.param(backend, dtype, marks=marks, id=f"{backend or 'auto'}-{name}"))
+    return params
 
 
 def make_inputs(B, H, Lq, Lc, Ls, D, dtype=torch.float32, device="cpu", requires_grad=False):
@@ -75,13 +97,12 @@ def check_forward(out, lse, inputs, scale=None, what=""):
 # Forward.
 
 
-@pytest.mark.parametrize("backend", ["reference", None], ids=["reference", "auto"])
-@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", None, "triton", "cuda"]))
 @pytest.mark.parametrize("shape", SHAPES, ids=[case_id(c) for c in SHAPES])
 def test_forward_matches_oracle(shape, dtype, backend):
-    inputs = make_inputs(*shape, dtype=dtype)
+    inputs = make_inputs(*shape, dtype=dtype, device=DEVICES[backend])
     out, lse = K.asymmetric_attention(*inputs, return_lse=True, backend=backend)
-    check_forward(out, lse, inputs, what=f"{case_id(shape)} {dtype}")
+    check_forward(out, lse, inputs, what=f"{case_id(shape)} {dtype} {backend}")
 
 
 @pytest.mark.parametrize("shape", SHAPES[:4], ids=[case_id(c) for c in SHAPES[:4]])
@@ -157,11 +178,15 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(
+    ("backend", "dtype"),
+    backend_params(["reference", "triton", "cuda"], {"fp32": torch.float32, "fp16": torch.float16}),
+)
 @pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
 @pytest.mark.parametrize("shape", [(2, 3, 7, 17, 4, 61), (3, 2, 13, 0, 5, 64), (1, 3, 1, 5, 0, 16)], ids=case_id)
-def test_non_contiguous_inputs(shape, layout, dtype):
-    inputs = make_inputs(*shape, dtype=dtype)
+def test_non_contiguous_inputs(shape, layout, dtype, backend):
+    """Permuted, strided and NaN-padded views (NaN past each tensor's logical end) without copies."""
+    inputs = make_inputs(*shape, dtype=dtype, device=DEVICES[backend])
     if layout == "mixed":
         fns = [helpers.heads_view, helpers.strided, helpers.padded, helpers.heads_view, helpers.strided]
     else:
@@ -172,10 +197,10 @@ def test_non_contiguous_inputs(shape, layout, dtype):
         assert v.stride(-1) == 1
     if layout in ("heads_view", "strided") or (layout == "transposed_bh" and shape[0] > 1):
         assert not views[0].is_contiguous()
-    out, lse = K.asymmetric_attention(*views, return_lse=True)
-    check_forward(out, lse, inputs, what=f"{layout}")
+    out, lse = K.asymmetric_attention(*views, return_lse=True, backend=backend)
+    check_forward(out, lse, inputs, what=f"{layout} {backend}")
     # The same values through contiguous inputs give the same result, to rounding.
-    ref = K.asymmetric_attention(*inputs)
+    ref = K.asymmetric_attention(*inputs, backend=backend)
     torch.testing.assert_close(out, ref)
 
 
@@ -189,11 +214,12 @@ def test_expanded_kv():
     check_forward(out, lse, [q, kc, vc, ks, vs], what="expanded")
 
 
-def test_large_scores_within_budget():
+@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", "triton", "cuda"], {"fp32": torch.float32}))
+def test_large_scores_within_budget(backend, dtype):
     """Scores of magnitude ~1e2-1e3: no overflow to inf/NaN, and still within the error budget."""
-    inputs = make_inputs(1, 2, 7, 5, 4, 16)
+    inputs = make_inputs(1, 2, 7, 5, 4, 16, dtype=dtype, device=DEVICES[backend])
     inputs[0] = inputs[0] * 40
-    out, lse = K.asymmetric_attention(*inputs, scale=2.0, return_lse=True)
+    out, lse = K.asymmetric_attention(*inputs, scale=2.0, return_lse=True, backend=backend)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     check_forward(out, lse, inputs, scale=2.0, what="large scores")
 
@@ -217,14 +243,16 @@ def test_gradcheck_fp64(shape, backend):
 GRAD_CASES = [(2, 3, 7, 17, 4, 61), (1, 2, 13, 0, 5, 64), (3, 1, 7, 5, 0, 128), (2, 2, 1, 1, 1, 16), (1, 2, 0, 5, 4, 16)]
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", "triton", "cuda"]))
 @pytest.mark.parametrize("shape", GRAD_CASES, ids=[case_id(c) for c in GRAD_CASES])
-def test_gradients_match_oracle(shape, dtype):
-    """Gradients of all five inputs against the oracle's autograd gradients (budget factor 3)."""
-    inputs = make_inputs(*shape, dtype=dtype, requires_grad=True)
-    grad_out = torch.randn(inputs[0].shape, dtype=torch.float64).to(dtype)
+def test_gradients_match_oracle(shape, dtype, backend):
+    """Gradients of all five inputs against the oracle's autograd gradients (budget factor 3).
+    The forward's backend runs the backward where it has one (CUDA hands over to Triton)."""
+    device = DEVICES[backend]
+    inputs = make_inputs(*shape, dtype=dtype, device=device, requires_grad=True)
+    grad_out = torch.randn(inputs[0].shape, dtype=torch.float64).to(dtype=dtype, device=device)
 
-    out = K.asymmetric_attention(*inputs)
+    out = K.asymmetric_attention(*inputs, backend=backend)
     ours = torch.autograd.grad(out, inputs, grad_out, allow_unused=False)
 
     leaves64 = [t.detach().double().requires_grad_() for t in inputs]
@@ -262,21 +290,26 @@ def test_return_lse_under_autograd():
 # torch.library.opcheck.
 
 
+FP32 = {"fp32": torch.float32}
+
+
+@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", "triton", "cuda"], FP32))
 @pytest.mark.parametrize(
     "shape", [(2, 3, 7, 17, 4, 61), (1, 2, 5, 0, 5, 16), (1, 2, 5, 5, 0, 16), (1, 1, 0, 3, 2, 16)], ids=case_id
 )
-def test_opcheck_forward(shape):
-    inputs = make_inputs(*shape, requires_grad=True)
-    torch.library.opcheck(torch.ops.enat.asymmetric_attention.default, (*inputs, 0.37, "reference"))
+def test_opcheck_forward(shape, backend, dtype):
+    inputs = make_inputs(*shape, dtype=dtype, device=DEVICES[backend], requires_grad=True)
+    torch.library.opcheck(torch.ops.enat.asymmetric_attention.default, (*inputs, 0.37, backend))
 
 
+@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", "triton"], FP32))
 @pytest.mark.parametrize("shape", [(2, 3, 7, 17, 4, 61), (1, 2, 5, 0, 5, 16)], ids=case_id)
-def test_opcheck_backward(shape):
-    inputs = make_inputs(*shape)
-    out, lse = torch.ops.enat.asymmetric_attention(*inputs, 0.37, "reference")
+def test_opcheck_backward(shape, backend, dtype):
+    inputs = make_inputs(*shape, dtype=dtype, device=DEVICES[backend])
+    out, lse = torch.ops.enat.asymmetric_attention(*inputs, 0.37, backend)
     grad_out = torch.randn_like(out)
     torch.library.opcheck(
-        torch.ops.enat.asymmetric_attention_backward.default, (grad_out, *inputs, out, lse, 0.37, "reference")
+        torch.ops.enat.asymmetric_attention_backward.default, (grad_out, *inputs, out, lse, 0.37, backend)
     )
 
 

@@ -57,9 +57,8 @@ def test_forced_backend_that_cannot_serve_lists_the_reasons(monkeypatch):
 
 
 def test_forcing_an_op_without_that_kernel_says_so():
-    q = torch.randn(1, 2, 3, 16)
-    with pytest.raises(BackendUnavailableError, match="no triton kernel for asymmetric_attention"):
-        K.asymmetric_attention(q, q, q, q, q, backend="triton")
+    with pytest.raises(BackendUnavailableError, match="no triton kernel for mask_to_index"):
+        K.mask_to_index(torch.ones(2, 3, dtype=torch.bool), 3, backend="triton")
     with pytest.raises(BackendUnavailableError, match="no cuda kernel for merge_cache"):
         K.merge_cache(torch.randn(1, 1, 2), torch.zeros(1, 1, dtype=torch.long),
                       torch.randn(1, 1, 2), torch.ones(1, 1, dtype=torch.long), backend="cuda")
