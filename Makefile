@@ -9,7 +9,7 @@ BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name
 CMAKE_BUILD := build/cmake
 BENCH_FLAGS ?= --benchmark-columns=median,iqr,rounds --benchmark-autosave
 
-.PHONY: setup test bench cpp clean
+.PHONY: setup test bench cpp gpu-check clean
 
 $(VENV)/.ready: $(BUILD_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ cpp: setup
 		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 	cmake --build $(CMAKE_BUILD)
 	$(CMAKE_BUILD)/enat_ops_example
+
+# On a machine with a GPU and torch, triton, pytest, pytest-benchmark and ninja installed.
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf build $(VENV) enat_kernels/_C*.so *.egg-info .benchmarks
