@@ -44,6 +44,25 @@ def test_cuda_tensors_prefer_cuda_then_triton_then_reference(monkeypatch):
     assert GATHER.select(None, CUDA, x.bool(), index) == "reference"  # no Triton kernel moves bool
 
 
+def test_attention_on_cuda_tensors_prefers_triton_then_cuda(monkeypatch):
+    """Until the CUDA forward is measured on a GPU, Triton goes first; each declares its limits."""
+    q = torch.randn(1, 2, 3, 64)
+    monkeypatch.setattr(_library, "EXTENSION_LOADED", True)
+    monkeypatch.setattr(triton_utils, "INTERPRET", False)
+    if triton_utils.triton is not None:
+        assert FORWARD.select(None, CUDA, q, q, q, q, q, 0.125) == "triton"
+    monkeypatch.setattr(triton_utils, "triton", None)
+    monkeypatch.setattr(triton_utils, "IMPORT_ERROR", "no triton")
+    assert FORWARD.select(None, CUDA, q, q, q, q, q, 0.125) == "cuda"
+    wide = torch.randn(1, 2, 3, 160)  # head dim above both kernels' 128
+    assert FORWARD.select(None, CUDA, wide, wide, wide, wide, wide, 0.1) == "reference"
+    with pytest.raises(BackendUnavailableError, match="head dim 160 is above the CUDA kernels' 128"):
+        FORWARD.select("cuda", CUDA, wide, wide, wide, wide, wide, 0.1)
+    double = q.double()
+    with pytest.raises(BackendUnavailableError, match="take float16, bfloat16, float32, got float64"):
+        FORWARD.select("cuda", CUDA, double, double, double, double, double, 0.1)
+
+
 def test_forced_backend_that_cannot_serve_lists_the_reasons(monkeypatch):
     x, index = _tokens()
     monkeypatch.setattr(_library, "EXTENSION_LOADED", False)

@@ -31,6 +31,12 @@ def test_extension_is_built_when_required():
         schema = torch.ops.enat.gather_tokens_cuda.default._schema
         assert str(schema) == "enat::gather_tokens_cuda(Tensor x, Tensor index) -> Tensor"
         assert torch._C._dispatch_has_kernel_for_dispatch_key("enat::gather_tokens_cuda", "CUDA")
+        schema = torch.ops.enat.asymmetric_attention_cuda.default._schema
+        assert str(schema) == (
+            "enat::asymmetric_attention_cuda(Tensor q, Tensor k_ctx, Tensor v_ctx, Tensor k_self, Tensor v_self, "
+            "float scale) -> (Tensor, Tensor)"
+        )
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("enat::asymmetric_attention_cuda", "CUDA")
     else:
         assert "enat_kernels._C" in enat_kernels.EXTENSION_ERROR
 

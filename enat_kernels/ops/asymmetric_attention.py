@@ -14,7 +14,7 @@ import numbers
 import torch
 
 from .. import triton_utils
-from .._library import register_router
+from .._library import EXTENSION_LOADED, register_router
 from ..backends import Dispatcher
 from . import _checks
 
@@ -350,6 +350,21 @@ def _kernel_why_not(*tensors, max_d, dtypes, what):
     return reasons
 
 
+# CUDA (csrc/cuda/asymmetric_attention.cu): forward only, tensor-core (wmma) tiles for fp16 and bf16 on
+# sm_80 and newer, a warp-per-row path for fp32 and older GPUs. Its backward is the Triton one.
+
+CUDA_DTYPES = TRITON_DTYPES
+CUDA_MAX_D = 128
+
+
+def asymmetric_attention_cuda(q, k_ctx, v_ctx, k_self, v_self, scale):
+    return torch.ops.enat.asymmetric_attention_cuda(q, k_ctx, v_ctx, k_self, v_self, scale)
+
+
+def _cuda_forward_why_not(q, k_ctx, v_ctx, k_self, v_self, scale):
+    return _kernel_why_not(q, k_ctx, v_ctx, k_self, v_self, max_d=CUDA_MAX_D, dtypes=CUDA_DTYPES, what="CUDA")
+
+
 def _triton_forward_why_not(q, k_ctx, v_ctx, k_self, v_self, scale):
     return _kernel_why_not(q, k_ctx, v_ctx, k_self, v_self, max_d=TRITON_MAX_D, dtypes=TRITON_DTYPES, what="Triton")
 
@@ -369,6 +384,7 @@ FORWARD_ORDER = ("triton", "cuda", "reference")
 FORWARD = Dispatcher("asymmetric_attention", order=FORWARD_ORDER)
 FORWARD.register("reference", asymmetric_attention_reference)
 FORWARD.register("triton", asymmetric_attention_triton, _triton_forward_why_not)
+FORWARD.register("cuda", asymmetric_attention_cuda, _cuda_forward_why_not)
 
 BACKWARD = Dispatcher("asymmetric_attention_backward")
 BACKWARD.register("reference", asymmetric_attention_backward_reference)
@@ -388,10 +404,14 @@ register_router("asymmetric_attention_backward", _backward_router)
 
 
 @torch.library.register_fake("enat::asymmetric_attention")
-def _forward_fake(q, k_ctx, v_ctx, k_self, v_self, scale, backend):
+def _forward_fake(q, k_ctx, v_ctx, k_self, v_self, scale, backend=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
         q.shape[:3], dtype=_accumulator_dtype(q.dtype)
     )
+
+
+if EXTENSION_LOADED:
+    torch.library.register_fake("enat::asymmetric_attention_cuda")(_forward_fake)
 
 
 @torch.library.register_fake("enat::asymmetric_attention_backward")
