@@ -22,6 +22,7 @@ else:
     DTYPES = [torch.float32]
 
 BASELINE = "cat+sdpa"
+BASELINES = (BASELINE, "sdpa (concatenated)", "naive (paper)")
 
 
 def _cat_sdpa(q, k_ctx, v_ctx, k_self, v_self):
@@ -72,4 +73,4 @@ def bench_asymmetric_attention(benchmark, provider, mode, dtype, split):
     flops = 4 * B * H * Lq * (Lc + Lq) * D * (3.5 if backward else 1.0)  # backward: 5 matmuls to 2
     with torch.set_grad_enabled(backward):
         measure(benchmark, fn, op="asymmetric_attention", provider=provider, mode=mode,
-                shape=f"B{B} H{H} D{D} Lq{Lq} Lc{Lc} Ls{Lq}", dtype=dtype, flops=flops, baseline=BASELINE)
+                shape=f"B{B} H{H} D{D} Lq{Lq} Lc{Lc} Ls{Lq}", dtype=dtype, flops=flops, baselines=BASELINES)

@@ -108,4 +108,4 @@ def bench_tokens(benchmark, op, provider, shape, dtype):
     B, L, D, n, mask, x = _setup(shape, dtype)
     cases, bytes_moved = _cases(op, B, L, D, n, mask, x)
     measure(benchmark, cases[provider], op=op, provider=provider, mode="fwd", shape=f"B{B} L{L} D{D} n{n}",
-            dtype=dtype, bytes_moved=bytes_moved, baseline=BASELINE)
+            dtype=dtype, bytes_moved=bytes_moved, baselines=(BASELINE,))

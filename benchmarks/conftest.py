@@ -49,7 +49,7 @@ def pytest_terminal_summary(terminalreporter, config):
                 cells.append(f"{r['GB/s']:8.1f} GB/s")
             if "copy" in by_provider and r["provider"] != "copy":
                 cells.append(f"{by_provider['copy'] / r['median_s']:6.0%} of copy")
-            base = r.get("baseline")
-            if base in by_provider and r["provider"] != base:
-                cells.append(f"{by_provider[base] / r['median_s']:6.2f}x vs {base}")
+            for base in r.get("baselines", ()) if r["provider"].startswith("enat-") else ():
+                if base in by_provider:
+                    cells.append(f"{by_provider[base] / r['median_s']:6.2f}x vs {base}")
             write("  ".join(cells))

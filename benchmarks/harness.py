@@ -55,12 +55,12 @@ def prepare(fn):
     return fn
 
 
-def measure(benchmark, fn, *, op, provider, mode, shape, dtype, flops=None, bytes_moved=None, baseline=None):
-    """Benchmark fn and record the result; `baseline` names the provider to compare with in the table."""
+def measure(benchmark, fn, *, op, provider, mode, shape, dtype, flops=None, bytes_moved=None, baselines=()):
+    """Benchmark fn and record the result; `baselines` name the providers to compare with in the table."""
     benchmark.group = f"{op} {mode} {shape} {str(dtype).removeprefix('torch.')}"
     benchmark.extra_info.update(
         environment(), op=op, provider=provider, mode=mode, shape=shape,
-        dtype=str(dtype).removeprefix("torch."), flops=flops, bytes=bytes_moved, baseline=baseline,
+        dtype=str(dtype).removeprefix("torch."), flops=flops, bytes=bytes_moved, baselines=list(baselines),
     )
     benchmark(prepare(fn))
     if benchmark.stats is None:  # --benchmark-disable: the function ran once, nothing was timed
