@@ -21,6 +21,10 @@ SCHEMAS = (
     "split_tokens(Tensor x, Tensor mask, SymInt n_masked, str backend) -> (Tensor, Tensor)",
     "restore_tokens(Tensor visible, Tensor masked, Tensor mask, str backend) -> Tensor",
     "merge_cache(Tensor fresh, Tensor fresh_index, Tensor cached, Tensor cached_index, str backend) -> Tensor",
+    # Backward-only ops, one launch each.
+    "scatter_into_zeros(Tensor index, Tensor src, SymInt L, str backend) -> Tensor",
+    "zero_rows(Tensor x, Tensor index, str backend) -> Tensor",
+    "merge_cache_backward(Tensor grad, Tensor fresh_index, Tensor cached_index, str backend) -> (Tensor, Tensor)",
 )
 
 
@@ -47,3 +51,9 @@ def register_router(name, router):
     """Register `router` as the CPU and CUDA kernel of enat::<name>."""
     LIB.impl(name, router, "CPU")
     LIB.impl(name, router, "CUDA")
+
+
+def register_cuda_fake(name, fake):
+    """The fake (shape) kernel of the CUDA kernel op enat::<name>, when the extension is loaded."""
+    if EXTENSION_LOADED:
+        torch.library.register_fake(f"enat::{name}")(fake)

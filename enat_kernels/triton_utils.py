@@ -43,3 +43,26 @@ def device_reasons(device, forced):
             return ["TRITON_INTERPRET=1 runs Triton kernels on CPU tensors, these are on cuda"]
         return []
     return [f"Triton runs on CUDA tensors, these are on {device.type}"]
+
+
+if triton is not None:
+
+    @triton.jit
+    def lower_bound(row_ptr, stride, n, values, steps):
+        """For each of `values`, the number of entries of the ascending int64 row (row_ptr, stride, n)
+        that are smaller: a branch-free binary search of `steps` = ceil(log2(n + 1)) rounds."""
+        lo = tl.zeros(values.shape, tl.int32)
+        hi = tl.zeros(values.shape, tl.int32) + n
+        for _ in range(steps):
+            active = lo < hi
+            mid = (lo + hi) // 2
+            entry = tl.load(row_ptr + mid.to(tl.int64) * stride, mask=active, other=0)
+            right = entry < values
+            lo = tl.where(active & right, mid + 1, lo)
+            hi = tl.where(active & ~right, mid, hi)
+        return lo
+
+
+def search_steps(n):
+    """Rounds of `lower_bound` over n entries."""
+    return max(1, int(n).bit_length())

@@ -6,8 +6,8 @@ import torch
 import enat_kernels.ops as K
 from enat_kernels import BackendUnavailableError, _library, triton_utils
 from enat_kernels.backends import ENV_BACKEND
-from enat_kernels.ops.asymmetric_attention import FORWARD
-from enat_kernels.ops.gather_scatter import GATHER, SCATTER
+from enat_kernels.ops.asymmetric_attention import BACKWARD, FORWARD
+from enat_kernels.ops.gather_scatter import GATHER, SCATTER, SCATTER_ZEROS
 
 from helpers import needs_triton, triton_device
 
@@ -34,8 +34,8 @@ def test_cuda_tensors_prefer_cuda_then_triton_then_reference(monkeypatch):
     assert GATHER.select(None, CUDA, x, index) == "cuda"
     if triton_utils.triton is not None:
         assert GATHER.select(None, CUDA, x_t, index) == "triton"
-        assert "cuda" not in SCATTER.impls  # no CUDA scatter kernel yet: Triton serves it
-        assert SCATTER.select(None, CUDA, x, index, x[:, :3]) == "triton"
+        assert SCATTER.select(None, CUDA, x, index, x[:, :3]) == "cuda"
+        assert SCATTER.select(None, CUDA, x_t, index, x_t[:, :3]) == "triton"
     assert GATHER.select(None, CUDA, x.bool(), index) == "cuda"  # the CUDA copy moves any dtype
     monkeypatch.setattr(_library, "EXTENSION_LOADED", False)
     monkeypatch.setattr(_library, "EXTENSION_ERROR", "extension not built")
@@ -76,11 +76,10 @@ def test_forced_backend_that_cannot_serve_lists_the_reasons(monkeypatch):
 
 
 def test_forcing_an_op_without_that_kernel_says_so():
-    with pytest.raises(BackendUnavailableError, match="no triton kernel for mask_to_index"):
-        K.mask_to_index(torch.ones(2, 3, dtype=torch.bool), 3, backend="triton")
-    with pytest.raises(BackendUnavailableError, match="no cuda kernel for merge_cache"):
-        K.merge_cache(torch.randn(1, 1, 2), torch.zeros(1, 1, dtype=torch.long),
-                      torch.randn(1, 1, 2), torch.ones(1, 1, dtype=torch.long), backend="cuda")
+    q = torch.randn(1, 2, 3, 16)
+    args = (q, q, q, q, q, q, q, q[..., 0], 0.25)  # grad_out, q, k/v ctx, k/v self, out, lse, scale
+    with pytest.raises(BackendUnavailableError, match="no cuda kernel for asymmetric_attention_backward"):
+        BACKWARD.select("cuda", CPU, *args)
 
 
 def test_environment_variable_forces_a_backend(monkeypatch):
@@ -137,15 +136,15 @@ def test_triton_on_cpu_only_when_forced_under_the_interpreter():
 
 @needs_triton
 def test_backward_keeps_the_forward_backend_when_it_can(monkeypatch):
-    """A Triton gather's backward runs the Triton scatter; a CUDA one, with no CUDA scatter yet, the
-    next backend that can serve."""
+    """A Triton gather's backward runs the Triton scatter into zeros; a backend that cannot serve the
+    backward's inputs hands over to the next that can."""
     device = triton_device()
     x, index = _tokens()
     x, index = x.to(device), index.to(device)
     calls = []
     for name in ("triton", "reference"):
-        impl = SCATTER.impls[name]
-        monkeypatch.setitem(SCATTER.impls, name, impl._replace(run=lambda *a, _n=name, _f=impl.run: calls.append(_n) or _f(*a)))
+        impl = SCATTER_ZEROS.impls[name]
+        monkeypatch.setitem(SCATTER_ZEROS.impls, name, impl._replace(run=lambda *a, _n=name, _f=impl.run: calls.append(_n) or _f(*a)))
     x.requires_grad_(True)
     K.gather_tokens(x, index, backend="triton").sum().backward()
     assert calls == ["triton"]

@@ -14,7 +14,7 @@ import numbers
 import torch
 
 from .. import triton_utils
-from .._library import EXTENSION_LOADED, register_router
+from .._library import register_cuda_fake, register_router
 from ..backends import Dispatcher
 from . import _checks
 
@@ -410,8 +410,7 @@ def _forward_fake(q, k_ctx, v_ctx, k_self, v_self, scale, backend=None):
     )
 
 
-if EXTENSION_LOADED:
-    torch.library.register_fake("enat::asymmetric_attention_cuda")(_forward_fake)
+register_cuda_fake("asymmetric_attention_cuda", _forward_fake)
 
 
 @torch.library.register_fake("enat::asymmetric_attention_backward")

@@ -2,15 +2,19 @@
 x (B, L, D) and a packed set (B, n, D), given positions index (B, n).
 
 Precondition: index is int64 with ascending, hence unique, positions in [0, L) in each row (what
-mask_to_index returns). Because rows are unique, the backward of a gather is a scatter and the
-backward of a scatter is a gather, with no atomics. The values are checked for CPU tensors, and for
-CUDA tensors with ENAT_KERNELS_DEBUG=1 (a host sync); the fast path does not check them.
+mask_to_index returns). Because rows are unique, the backward of a gather is a scatter into zeros
+and the backward of a scatter is a gather plus a copy with those rows zeroed, with no atomics. The
+values are checked for CPU tensors, and for CUDA tensors with ENAT_KERNELS_DEBUG=1 (a host sync);
+the fast path does not check them.
+
+Each kernel is one launch. The out-of-place scatters write every output row once: a row finds
+whether it is replaced by a binary search of its position in the (ascending) index row.
 """
 
 import torch
 
 from .. import triton_utils
-from .._library import EXTENSION_LOADED, register_router
+from .._library import register_cuda_fake, register_router
 from ..backends import Dispatcher
 from . import _checks
 
@@ -35,6 +39,18 @@ def scatter_tokens_reference(base, index, src):
 
 def scatter_tokens_inplace_reference(base, index, src):
     base.scatter_(1, _rows(index, base.shape[2]), src)
+
+
+def scatter_into_zeros_reference(index, src, L):
+    out = src.new_zeros((src.shape[0], L, src.shape[2]))
+    out.scatter_(1, _rows(index, src.shape[2]), src)
+    return out
+
+
+def zero_rows_reference(x, index):
+    out = x.clone(memory_format=torch.contiguous_format)
+    out.scatter_(1, _rows(index, x.shape[2]), 0)
+    return out
 
 
 # Triton.
@@ -81,6 +97,49 @@ if triton is not None:
             value = tl.load(src + cols[None, :] * src_stride_d, mask=m)
             tl.store(dst + cols[None, :] * dst_stride_d, value, mask=m)
 
+    @triton.autotune(
+        configs=triton_utils.autotune_configs(
+            [
+                triton.Config({"BLOCK_L": 4, "BLOCK_D": 256}, num_warps=4),
+                triton.Config({"BLOCK_L": 2, "BLOCK_D": 512}, num_warps=4),
+                triton.Config({"BLOCK_L": 1, "BLOCK_D": 1024}, num_warps=4),
+                triton.Config({"BLOCK_L": 8, "BLOCK_D": 128}, num_warps=4),
+            ]
+        ),
+        key=["D", "HAS_BASE", "HAS_SRC"],
+    )
+    @triton.jit
+    def _scatter_rows_kernel(
+        base_ptr, src_ptr, index_ptr, out_ptr, L, n, D, steps,
+        base_stride_b, base_stride_l, base_stride_d, src_stride_b, src_stride_n, src_stride_d,
+        index_stride_b, index_stride_n, out_stride_b, out_stride_l,
+        HAS_BASE: tl.constexpr, HAS_SRC: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """out[b, l] = src[b, j] where index[b, j] == l, else base[b, l]; a missing base or src is zeros."""
+        pid = tl.program_id(0)
+        blocks_per_row = tl.cdiv(L, BLOCK_L)
+        b = (pid // blocks_per_row).to(tl.int64)
+        pos = (pid % blocks_per_row) * BLOCK_L + tl.arange(0, BLOCK_L)
+        pos_ok = pos < L
+        index_row = index_ptr + b * index_stride_b
+        j = triton_utils.lower_bound(index_row, index_stride_n, n, pos.to(tl.int64), steps)
+        hit = tl.load(index_row + j.to(tl.int64) * index_stride_n, mask=pos_ok & (j < n), other=-1) == pos
+        from_src = pos_ok & hit
+        from_base = pos_ok & ~hit
+        rows = pos[:, None].to(tl.int64)
+        src = src_ptr + b * src_stride_b + j[:, None].to(tl.int64) * src_stride_n
+        base = base_ptr + b * base_stride_b + rows * base_stride_l
+        out = out_ptr + b * out_stride_b + rows * out_stride_l
+        for d0 in range(0, D, BLOCK_D):
+            cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+            d_ok = cols[None, :] < D
+            value = tl.zeros([BLOCK_L, BLOCK_D], out_ptr.dtype.element_ty)
+            if HAS_SRC:
+                value = tl.load(src + cols[None, :] * src_stride_d, mask=from_src[:, None] & d_ok, other=value)
+            if HAS_BASE:
+                value = tl.load(base + cols[None, :] * base_stride_d, mask=from_base[:, None] & d_ok, other=value)
+            tl.store(out + cols[None, :], value, mask=pos_ok[:, None] & d_ok)
+
 
 def _copy_rows_triton(src, dst, index, src_indexed):
     """Gather (src_indexed) or scatter rows between src and dst along dim 1 at index (B, n)."""
@@ -93,10 +152,30 @@ def _copy_rows_triton(src, dst, index, src_indexed):
         return (B * triton.cdiv(n, meta["BLOCK_N"]),)
 
     _copy_rows_kernel[grid](
-        src, dst, index, n, D,
-        *src.stride(), *dst.stride(), *index.stride(),
+        src, dst, index, n, D, *src.stride(), *dst.stride(), *index.stride(),
         SRC_INDEXED=src_indexed, DST_INDEXED=not src_indexed,
     )
+
+
+def _scatter_rows_triton(base, index, src, L, like):
+    """A new contiguous (B, L, D) from base (or zeros) with rows at index from src (or zeros)."""
+    B, n = index.shape
+    D = like.shape[2]
+    out = like.new_empty((B, L, D))
+    if out.numel() == 0:
+        return out
+
+    def grid(meta):
+        return (B * triton.cdiv(L, meta["BLOCK_L"]),)
+
+    dummy = (0, 0, 0)
+    _scatter_rows_kernel[grid](
+        out if base is None else base, out if src is None else src, index, out, L, n, D,
+        triton_utils.search_steps(n), *(dummy if base is None else base.stride()),
+        *(dummy if src is None else src.stride()), *index.stride(), out.stride(0), out.stride(1),
+        HAS_BASE=base is not None, HAS_SRC=src is not None,
+    )
+    return out
 
 
 def gather_tokens_triton(x, index):
@@ -110,48 +189,64 @@ def scatter_tokens_inplace_triton(base, index, src):
 
 
 def scatter_tokens_triton(base, index, src):
-    out = base.clone(memory_format=torch.contiguous_format)
-    scatter_tokens_inplace_triton(out, index, src)
-    return out
+    return _scatter_rows_triton(base, index, src, base.shape[1], base)
 
 
-def _cuda_why_not(**tensors):
-    reasons = []
-    for name, t in tensors.items():
-        if t.shape[-1] > 1 and t.stride(-1) != 1:
-            reasons.append(f"{name} is not contiguous in its last dimension (strides {t.stride()})")
-    return reasons
+def scatter_into_zeros_triton(index, src, L):
+    return _scatter_rows_triton(None, index, src, L, src)
 
 
-def _triton_why_not(**tensors):
-    reasons = []
-    for name, t in tensors.items():
-        if t.dtype not in TRITON_DTYPES:
-            reasons.append(f"the Triton kernels do not move {t.dtype} ({name})")
-    return reasons
+def zero_rows_triton(x, index):
+    return _scatter_rows_triton(x, index, None, x.shape[1], x)
 
 
-# CUDA (csrc/cuda/gather_tokens.cu).
+def triton_why_not(**tensors):
+    """Dtypes the Triton row kernels move (any strides)."""
+    return [f"the Triton kernels do not move {t.dtype} ({name})" for name, t in tensors.items() if t.dtype not in TRITON_DTYPES]
 
 
-def gather_tokens_cuda(x, index):
-    return torch.ops.enat.gather_tokens_cuda(x, index)
+# CUDA (csrc/cuda/gather_tokens.cu, csrc/cuda/tokens.cu).
+
+
+def cuda_why_not(**tensors):
+    """The CUDA row kernels move any dtype, but need rows contiguous in their last dimension."""
+    return [
+        f"{name} is not contiguous in its last dimension (strides {t.stride()})"
+        for name, t in tensors.items()
+        if t.shape[-1] > 1 and t.stride(-1) != 1
+    ]
 
 
 # Dispatch, registration, autograd.
 
 GATHER = Dispatcher("gather_tokens")
 GATHER.register("reference", gather_tokens_reference)
-GATHER.register("triton", gather_tokens_triton, lambda x, index: _triton_why_not(x=x))
-GATHER.register("cuda", gather_tokens_cuda, lambda x, index: _cuda_why_not(x=x))
+GATHER.register("triton", gather_tokens_triton, lambda x, index: triton_why_not(x=x))
+GATHER.register("cuda", lambda x, index: torch.ops.enat.gather_tokens_cuda(x, index), lambda x, index: cuda_why_not(x=x))
 
 SCATTER = Dispatcher("scatter_tokens")
 SCATTER.register("reference", scatter_tokens_reference)
-SCATTER.register("triton", scatter_tokens_triton, lambda base, index, src: _triton_why_not(base=base, src=src))
+SCATTER.register("triton", scatter_tokens_triton, lambda base, index, src: triton_why_not(base=base, src=src))
+SCATTER.register("cuda", lambda base, index, src: torch.ops.enat.scatter_tokens_cuda(base, index, src),
+                 lambda base, index, src: cuda_why_not(base=base, src=src))
 
 SCATTER_ = Dispatcher("scatter_tokens_")
 SCATTER_.register("reference", scatter_tokens_inplace_reference)
-SCATTER_.register("triton", scatter_tokens_inplace_triton, lambda base, index, src: _triton_why_not(base=base, src=src))
+SCATTER_.register("triton", scatter_tokens_inplace_triton, lambda base, index, src: triton_why_not(base=base, src=src))
+SCATTER_.register("cuda", lambda base, index, src: torch.ops.enat.scatter_tokens_inplace_cuda(base, index, src),
+                  lambda base, index, src: cuda_why_not(base=base, src=src))
+
+# The two backward-only ops: gather's gradient (scatter into zeros) and scatter's base gradient.
+SCATTER_ZEROS = Dispatcher("scatter_into_zeros")
+SCATTER_ZEROS.register("reference", scatter_into_zeros_reference)
+SCATTER_ZEROS.register("triton", scatter_into_zeros_triton, lambda index, src, L: triton_why_not(src=src))
+SCATTER_ZEROS.register("cuda", lambda index, src, L: torch.ops.enat.scatter_into_zeros_cuda(index, src, L),
+                       lambda index, src, L: cuda_why_not(src=src))
+
+ZERO_ROWS = Dispatcher("zero_rows")
+ZERO_ROWS.register("reference", zero_rows_reference)
+ZERO_ROWS.register("triton", zero_rows_triton, lambda x, index: triton_why_not(x=x))
+ZERO_ROWS.register("cuda", lambda x, index: torch.ops.enat.zero_rows_cuda(x, index), lambda x, index: cuda_why_not(x=x))
 
 
 def _gather_router(x, index, backend):
@@ -169,57 +264,84 @@ def _scatter_inplace_router(base, index, src, backend):
     SCATTER_.run(backend, base.device, base, index, src)
 
 
+def _scatter_zeros_router(index, src, L, backend):
+    _checks.index_values("index", index, L)
+    return SCATTER_ZEROS.run(backend, src.device, index, src, L)
+
+
+def _zero_rows_router(x, index, backend):
+    _checks.index_values("index", index, x.shape[1])
+    return ZERO_ROWS.run(backend, x.device, x, index)
+
+
 register_router("gather_tokens", _gather_router)
 register_router("scatter_tokens", _scatter_router)
 register_router("scatter_tokens_", _scatter_inplace_router)
+register_router("scatter_into_zeros", _scatter_zeros_router)
+register_router("zero_rows", _zero_rows_router)
 
 
-@torch.library.register_fake("enat::gather_tokens")
 def _gather_fake(x, index, backend=None):
     return x.new_empty((x.shape[0], index.shape[1], x.shape[2]))
 
 
-if EXTENSION_LOADED:
-    torch.library.register_fake("enat::gather_tokens_cuda")(_gather_fake)
-
-
-@torch.library.register_fake("enat::scatter_tokens")
-def _scatter_fake(base, index, src, backend):
+def _scatter_fake(base, index, src, backend=None):
     return torch.empty_like(base, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake("enat::scatter_tokens_")
-def _scatter_inplace_fake(base, index, src, backend):
+def _scatter_inplace_fake(base, index, src, backend=None):
     return None
 
 
-def _call_gather(x, index, backend=None, preferred=None):
+def _scatter_zeros_fake(index, src, L, backend=None):
+    return src.new_empty((src.shape[0], L, src.shape[2]))
+
+
+def _zero_rows_fake(x, index, backend=None):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+for _name, _fake in (
+    ("gather_tokens", _gather_fake),
+    ("scatter_tokens", _scatter_fake),
+    ("scatter_tokens_", _scatter_inplace_fake),
+    ("scatter_into_zeros", _scatter_zeros_fake),
+    ("zero_rows", _zero_rows_fake),
+):
+    torch.library.register_fake(f"enat::{_name}")(_fake)
+register_cuda_fake("gather_tokens_cuda", _gather_fake)
+register_cuda_fake("scatter_tokens_cuda", _scatter_fake)
+register_cuda_fake("scatter_tokens_inplace_cuda", _scatter_inplace_fake)
+register_cuda_fake("scatter_into_zeros_cuda", _scatter_zeros_fake)
+register_cuda_fake("zero_rows_cuda", _zero_rows_fake)
+
+
+def call_gather(x, index, backend=None, preferred=None):
     chosen = GATHER.select(backend, x.device, x, index, preferred=preferred)
     return torch.ops.enat.gather_tokens(x, index, chosen)
 
 
-def _call_scatter(base, index, src, backend=None, preferred=None):
-    chosen = SCATTER.select(backend, base.device, base, index, src, preferred=preferred)
+def _call_scatter(base, index, src, backend=None):
+    chosen = SCATTER.select(backend, base.device, base, index, src)
     return torch.ops.enat.scatter_tokens(base, index, src, chosen)
 
 
 def _gather_setup(ctx, inputs, output):
     x, index, backend = inputs
     ctx.save_for_backward(index)
-    ctx.x_shape = x.shape
+    ctx.L = x.shape[1]
     ctx.backend = backend
 
 
 def _gather_backward(ctx, grad):
     (index,) = ctx.saved_tensors
-    grad_x = _call_scatter(grad.new_zeros(ctx.x_shape), index, grad, preferred=ctx.backend)
-    return grad_x, None, None
+    chosen = SCATTER_ZEROS.select(None, grad.device, index, grad, ctx.L, preferred=ctx.backend)
+    return torch.ops.enat.scatter_into_zeros(index, grad, ctx.L, chosen), None, None
 
 
 def _scatter_setup(ctx, inputs, output):
     base, index, src, backend = inputs
     ctx.save_for_backward(index)
-    ctx.src_shape = src.shape
     ctx.backend = backend
 
 
@@ -227,9 +349,10 @@ def _scatter_backward(ctx, grad):
     (index,) = ctx.saved_tensors
     grad_base = grad_src = None
     if ctx.needs_input_grad[0]:
-        grad_base = _call_scatter(grad, index, grad.new_zeros(ctx.src_shape), preferred=ctx.backend)
+        chosen = ZERO_ROWS.select(None, grad.device, grad, index, preferred=ctx.backend)
+        grad_base = torch.ops.enat.zero_rows(grad, index, chosen)
     if ctx.needs_input_grad[2]:
-        grad_src = _call_gather(grad, index, preferred=ctx.backend)
+        grad_src = call_gather(grad, index, preferred=ctx.backend)
     return grad_base, None, grad_src, None
 
 
@@ -255,7 +378,7 @@ def gather_tokens(x, index, *, backend=None):
     """Rows of x at index: x (B, L, D), index (B, n) int64 ascending positions -> (B, n, D)."""
     _checks.tensor("x", x, "B L D")
     _checks.index("index", index, "x", x)
-    return _call_gather(x, index, backend)
+    return call_gather(x, index, backend)
 
 
 def scatter_tokens(base, index, src, *, backend=None):

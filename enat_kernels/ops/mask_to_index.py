@@ -7,9 +7,12 @@ count True entries: checked for CPU tensors, and for CUDA tensors with ENAT_KERN
 
 import torch
 
-from .._library import register_router
+from .. import triton_utils
+from .._library import register_cuda_fake, register_router
 from ..backends import Dispatcher
 from . import _checks
+
+triton, tl = triton_utils.triton, triton_utils.tl
 
 
 def mask_to_index_reference(mask, count):
@@ -18,8 +21,46 @@ def mask_to_index_reference(mask, count):
     return order[:, :count].contiguous()
 
 
+# Triton: one program per row; the rank of each True entry is a prefix sum over the row, and the
+# entry is written to that slot. Slots past the row's True count (a broken precondition) get L.
+
+TRITON_MAX_L = 1 << 16
+
+if triton is not None:
+
+    @triton.jit
+    def _mask_to_index_kernel(mask_ptr, out_ptr, L, count, sm_b, sm_l, so_b, BLOCK_L: tl.constexpr):
+        b = tl.program_id(0).to(tl.int64)
+        pos = tl.arange(0, BLOCK_L)
+        ok = pos < L
+        m = tl.load(mask_ptr + b * sm_b + pos.to(tl.int64) * sm_l, mask=ok, other=0).to(tl.int32)
+        rank = tl.cumsum(m, 0) - 1
+        out_row = out_ptr + b * so_b
+        tl.store(out_row + rank, pos.to(tl.int64), mask=ok & (m > 0) & (rank < count))
+        total = tl.sum(m, 0)
+        tl.store(out_row + pos, tl.zeros([BLOCK_L], tl.int64) + L, mask=(pos >= total) & (pos < count))
+
+
+def mask_to_index_triton(mask, count):
+    B, L = mask.shape
+    out = torch.empty((B, count), dtype=torch.int64, device=mask.device)
+    if out.numel() == 0:
+        return out
+    as_bytes = mask.view(torch.uint8)
+    _mask_to_index_kernel[(B,)](as_bytes, out, L, count, *as_bytes.stride(), out.stride(0),
+                                BLOCK_L=max(16, triton.next_power_of_2(L)))
+    return out
+
+
+def _triton_why_not(mask, count):
+    L = mask.shape[1]
+    return [f"rows of {L} positions are above the Triton kernel's {TRITON_MAX_L}"] if L > TRITON_MAX_L else []
+
+
 MASK_TO_INDEX = Dispatcher("mask_to_index")
 MASK_TO_INDEX.register("reference", mask_to_index_reference)
+MASK_TO_INDEX.register("triton", mask_to_index_triton, _triton_why_not)
+MASK_TO_INDEX.register("cuda", lambda mask, count: torch.ops.enat.mask_to_index_cuda(mask, count))
 
 
 def _router(mask, count, backend):
@@ -30,9 +71,12 @@ def _router(mask, count, backend):
 register_router("mask_to_index", _router)
 
 
-@torch.library.register_fake("enat::mask_to_index")
-def _fake(mask, count, backend):
+def _fake(mask, count, backend=None):
     return mask.new_empty((mask.shape[0], count), dtype=torch.int64)
+
+
+torch.library.register_fake("enat::mask_to_index")(_fake)
+register_cuda_fake("mask_to_index_cuda", _fake)
 
 
 def mask_to_index(mask, count=None, *, backend=None):
