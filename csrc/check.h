@@ -38,3 +38,20 @@ inline std::string describe(const at::Tensor& t) {
   TORCH_CHECK_VALUE((t).size(-1) <= 1 || (t).stride(-1) == 1, "enat: ", name,                                \
                     " must be contiguous in its last dimension, got strides ", (t).strides(), " for ", \
                     ::enat::describe(t))
+
+#define ENAT_CHECK_SAME_DTYPE(name_a, a, name_b, b)                                                   \
+  TORCH_CHECK_TYPE((a).scalar_type() == (b).scalar_type(), "enat: ", name_a, " and ", name_b,         \
+                   " must have the same dtype, got ", ::enat::describe(a), " and ", ::enat::describe(b))
+
+// A value check with a free-form message: ENAT_CHECK_VALUE(cond, "count must be >= 0, got ", count).
+#define ENAT_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE((cond), "enat: ", __VA_ARGS__)
+
+// No dimension of size > 1 with stride 0 (an expanded tensor), so that writing to t is well defined.
+#define ENAT_CHECK_NOT_EXPANDED(name, t)                                                                  \
+  do {                                                                                                    \
+    for (int64_t enat_dim_ = 0; enat_dim_ < (t).dim(); ++enat_dim_) {                                     \
+      TORCH_CHECK_VALUE((t).size(enat_dim_) <= 1 || (t).stride(enat_dim_) != 0, "enat: ", name,         \
+                        " is written in place and must not be expanded (stride 0 in dimension ", enat_dim_, \
+                        "), got strides ", (t).strides(), " for ", ::enat::describe(t));                  \
+    }                                                                                                     \
+  } while (false)

@@ -35,9 +35,23 @@ TORCH_LIBRARY(enat, m) {
   m.def("restore_tokens(Tensor visible, Tensor masked, Tensor mask, str backend) -> Tensor");
   m.def("merge_cache(Tensor fresh, Tensor fresh_index, Tensor cached, Tensor cached_index, "
         "str backend) -> Tensor");
+  // Backward-only ops, one launch each.
+  m.def("scatter_into_zeros(Tensor index, Tensor src, SymInt L, str backend) -> Tensor");
+  m.def("zero_rows(Tensor x, Tensor index, str backend) -> Tensor");
+  m.def("merge_cache_backward(Tensor grad, Tensor fresh_index, Tensor cached_index, str backend) "
+        "-> (Tensor, Tensor)");
 
   // CUDA kernels (csrc/cuda/*.cu).
   m.def("asymmetric_attention_cuda(Tensor q, Tensor k_ctx, Tensor v_ctx, Tensor k_self, Tensor v_self, "
         "float scale) -> (Tensor, Tensor)");
   m.def("gather_tokens_cuda(Tensor x, Tensor index) -> Tensor");
+  m.def("mask_to_index_cuda(Tensor mask, SymInt count) -> Tensor");
+  m.def("scatter_tokens_cuda(Tensor base, Tensor index, Tensor src) -> Tensor");
+  m.def("scatter_tokens_inplace_cuda(Tensor(a!) base, Tensor index, Tensor src) -> ()");
+  m.def("scatter_into_zeros_cuda(Tensor index, Tensor src, SymInt L) -> Tensor");
+  m.def("zero_rows_cuda(Tensor x, Tensor index) -> Tensor");
+  m.def("split_tokens_cuda(Tensor x, Tensor mask, SymInt n_masked) -> (Tensor, Tensor)");
+  m.def("restore_tokens_cuda(Tensor visible, Tensor masked, Tensor mask) -> Tensor");
+  m.def("merge_cache_cuda(Tensor fresh, Tensor fresh_index, Tensor cached, Tensor cached_index) -> Tensor");
+  m.def("merge_cache_backward_cuda(Tensor grad, Tensor fresh_index, Tensor cached_index) -> (Tensor, Tensor)");
 }

@@ -23,22 +23,27 @@ def test_registered_schema_matches_python_table(schema):
     assert str(op._schema) == str(expected)
 
 
+CUDA_KERNELS = [
+    "asymmetric_attention_cuda", "gather_tokens_cuda", "mask_to_index_cuda", "scatter_tokens_cuda",
+    "scatter_tokens_inplace_cuda", "scatter_into_zeros_cuda", "zero_rows_cuda", "split_tokens_cuda",
+    "restore_tokens_cuda", "merge_cache_cuda", "merge_cache_backward_cuda",
+]
+
+
 def test_extension_is_built_when_required():
     """CI sets ENAT_KERNELS_REQUIRE_EXTENSION=1 so that a csrc/ that fails to compile fails the run."""
     if os.environ.get("ENAT_KERNELS_REQUIRE_EXTENSION") == "1":
         assert enat_kernels.EXTENSION_LOADED, enat_kernels.EXTENSION_ERROR
-    if enat_kernels.EXTENSION_LOADED:
-        schema = torch.ops.enat.gather_tokens_cuda.default._schema
-        assert str(schema) == "enat::gather_tokens_cuda(Tensor x, Tensor index) -> Tensor"
-        assert torch._C._dispatch_has_kernel_for_dispatch_key("enat::gather_tokens_cuda", "CUDA")
-        schema = torch.ops.enat.asymmetric_attention_cuda.default._schema
-        assert str(schema) == (
-            "enat::asymmetric_attention_cuda(Tensor q, Tensor k_ctx, Tensor v_ctx, Tensor k_self, Tensor v_self, "
-            "float scale) -> (Tensor, Tensor)"
-        )
-        assert torch._C._dispatch_has_kernel_for_dispatch_key("enat::asymmetric_attention_cuda", "CUDA")
-    else:
+    if not enat_kernels.EXTENSION_LOADED:
         assert "enat_kernels._C" in enat_kernels.EXTENSION_ERROR
+        return
+    for name in CUDA_KERNELS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"enat::{name}", "CUDA"), name
+    schema = torch.ops.enat.asymmetric_attention_cuda.default._schema
+    assert str(schema) == (
+        "enat::asymmetric_attention_cuda(Tensor q, Tensor k_ctx, Tensor v_ctx, Tensor k_self, Tensor v_self, "
+        "float scale) -> (Tensor, Tensor)"
+    )
 
 
 @needs_gpu
