@@ -81,6 +81,15 @@ LN2 = 0.6931471805599453
 if triton is not None:
 
     @triton.jit
+    def _batch_head(bh, H):
+        return (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+
+    @triton.jit
+    def _tile(head_ptr, rows, stride_l, offs_d, mask):
+        """The [len(rows), BLOCK_D] tile of one (batch, head)'s (L, D) matrix, zero where masked."""
+        return tl.load(head_ptr + rows[:, None].to(tl.int64) * stride_l + offs_d[None, :], mask=mask, other=0.0)
+
+    @triton.jit
     def _fwd_segment(acc, m_i, l_i, q, k_ptr, v_ptr, length, stride_kl, stride_vl, offs_d, d_ok, qk_scale,
                      BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
         """Fold one key segment into the running (acc, row max m_i, row sum l_i), log2 domain."""
@@ -88,8 +97,8 @@ if triton is not None:
             n = start + tl.arange(0, BLOCK_N)
             n_ok = n < length
             kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + n[:, None].to(tl.int64) * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr + n[:, None].to(tl.int64) * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
+            k = _tile(k_ptr, n, stride_kl, offs_d, kv_mask)
+            v = _tile(v_ptr, n, stride_vl, offs_d, kv_mask)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             s = tl.where(n_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -121,15 +130,13 @@ if triton is not None:
     ):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
+        b, h = _batch_head(bh, H)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         m_ok = offs_m < Lq
         d_ok = offs_d < D
         rows = offs_m[:, None].to(tl.int64)
-        q = tl.load(q_ptr + b * sq_b + h * sq_h + rows * sq_l + offs_d[None, :],
-                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        q = _tile(q_ptr + b * sq_b + h * sq_h, offs_m, sq_l, offs_d, m_ok[:, None] & d_ok[None, :])
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -148,15 +155,13 @@ if triton is not None:
         """delta = rowsum(dO * O), the softmax-backward correction, (B, H, Lq) fp32."""
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
+        b, h = _batch_head(bh, H)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         m_ok = offs_m < Lq
         mask = m_ok[:, None] & (offs_d[None, :] < D)
-        rows = offs_m[:, None].to(tl.int64)
-        o = tl.load(out_ptr + b * so_b + h * so_h + rows * so_l + offs_d[None, :], mask=mask, other=0.0)
-        do = tl.load(do_ptr + b * sdo_b + h * sdo_h + rows * sdo_l + offs_d[None, :], mask=mask, other=0.0)
+        o = _tile(out_ptr + b * so_b + h * so_h, offs_m, so_l, offs_d, mask)
+        do = _tile(do_ptr + b * sdo_b + h * sdo_h, offs_m, sdo_l, offs_d, mask)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(delta_ptr + bh.to(tl.int64) * Lq + offs_m, delta, mask=m_ok)
 
@@ -182,16 +187,15 @@ if triton is not None:
         """dK, dV of one key segment: a tile of keys against every query tile."""
         pid_n = tl.program_id(0)
         bh = tl.program_id(1)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
+        b, h = _batch_head(bh, H)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         n_ok = offs_n < Lk
         d_ok = offs_d < D
         kv_mask = n_ok[:, None] & d_ok[None, :]
         keys = offs_n[:, None].to(tl.int64)
-        k = tl.load(k_ptr + b * sk_b + h * sk_h + keys * sk_l + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + b * sv_b + h * sv_h + keys * sv_l + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _tile(k_ptr + b * sk_b + h * sk_h, offs_n, sk_l, offs_d, kv_mask)
+        v = _tile(v_ptr + b * sv_b + h * sv_h, offs_n, sv_l, offs_d, kv_mask)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         q_base = q_ptr + b * sq_b + h * sq_h
@@ -201,9 +205,8 @@ if triton is not None:
             offs_m = start + tl.arange(0, BLOCK_M)
             m_ok = offs_m < Lq
             q_mask = m_ok[:, None] & d_ok[None, :]
-            rows = offs_m[:, None].to(tl.int64)
-            q = tl.load(q_base + rows * sq_l + offs_d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(do_base + rows * sdo_l + offs_d[None, :], mask=q_mask, other=0.0)
+            q = _tile(q_base, offs_m, sq_l, offs_d, q_mask)
+            do = _tile(do_base, offs_m, sdo_l, offs_d, q_mask)
             lse2 = tl.load(lse_ptr + stats + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
             delta = tl.load(delta_ptr + stats + offs_m, mask=m_ok, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -225,8 +228,8 @@ if triton is not None:
             n = start + tl.arange(0, BLOCK_N)
             n_ok = n < length
             kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + n[:, None].to(tl.int64) * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr + n[:, None].to(tl.int64) * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
+            k = _tile(k_ptr, n, stride_kl, offs_d, kv_mask)
+            v = _tile(v_ptr, n, stride_vl, offs_d, kv_mask)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             p = tl.where(n_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -255,16 +258,15 @@ if triton is not None:
         """dQ of a tile of queries, over both key segments."""
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
+        b, h = _batch_head(bh, H)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         m_ok = offs_m < Lq
         d_ok = offs_d < D
         q_mask = m_ok[:, None] & d_ok[None, :]
         rows = offs_m[:, None].to(tl.int64)
-        q = tl.load(q_ptr + b * sq_b + h * sq_h + rows * sq_l + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(do_ptr + b * sdo_b + h * sdo_h + rows * sdo_l + offs_d[None, :], mask=q_mask, other=0.0)
+        q = _tile(q_ptr + b * sq_b + h * sq_h, offs_m, sq_l, offs_d, q_mask)
+        do = _tile(do_ptr + b * sdo_b + h * sdo_h, offs_m, sdo_l, offs_d, q_mask)
         stats = bh.to(tl.int64) * Lq
         lse2 = tl.load(lse_ptr + stats + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_ptr + stats + offs_m, mask=m_ok, other=0.0)
