@@ -294,6 +294,22 @@ void scatter_rows(const at::Tensor& out, const at::Tensor* base, const at::Tenso
   launch_move(p, B, row_bytes, rows::widest_chunk(row_bytes, p.out0, p.in0, p.in1), op);
 }
 
+// The arguments of both scatters: base (B, L, D), index (B, n), src (B, n, D), n <= L.
+void check_scatter(const at::Tensor& base, const at::Tensor& index, const at::Tensor& src) {
+  check_tokens("base", base);
+  check_index("index", index);
+  check_tokens("src", src);
+  ENAT_CHECK_SAME_DEVICE("base", base, "index", index);
+  ENAT_CHECK_SAME_DEVICE("base", base, "src", src);
+  ENAT_CHECK_SAME_DTYPE("base", base, "src", src);
+  ENAT_CHECK_SIZE("index", index, 0, "base", base, 0);
+  ENAT_CHECK_SIZE("src", src, 0, "base", base, 0);
+  ENAT_CHECK_SIZE("src", src, 1, "index", index, 1);
+  ENAT_CHECK_SIZE("src", src, 2, "base", base, 2);
+  ENAT_CHECK_VALUE(index.size(1) <= base.size(1), "index has more positions than base has rows, got index ",
+                   ::enat::describe(index), " and base ", ::enat::describe(base));
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -313,18 +329,7 @@ at::Tensor mask_to_index_cuda(const at::Tensor& mask, int64_t count) {
 }
 
 at::Tensor scatter_tokens_cuda(const at::Tensor& base, const at::Tensor& index, const at::Tensor& src) {
-  check_tokens("base", base);
-  check_index("index", index);
-  check_tokens("src", src);
-  ENAT_CHECK_SAME_DEVICE("base", base, "index", index);
-  ENAT_CHECK_SAME_DEVICE("base", base, "src", src);
-  ENAT_CHECK_SAME_DTYPE("base", base, "src", src);
-  ENAT_CHECK_SIZE("index", index, 0, "base", base, 0);
-  ENAT_CHECK_SIZE("src", src, 0, "base", base, 0);
-  ENAT_CHECK_SIZE("src", src, 1, "index", index, 1);
-  ENAT_CHECK_SIZE("src", src, 2, "base", base, 2);
-  ENAT_CHECK_VALUE(index.size(1) <= base.size(1), "index has more positions than base has rows, got index ",
-                   ::enat::describe(index), " and base ", ::enat::describe(base));
+  check_scatter(base, index, src);
   const c10::cuda::CUDAGuard guard(base.device());
   auto out = at::empty({base.size(0), base.size(1), base.size(2)}, base.options());
   scatter_rows(out, &base, index, &src, "scatter_tokens_cuda");
@@ -332,18 +337,7 @@ at::Tensor scatter_tokens_cuda(const at::Tensor& base, const at::Tensor& index, 
 }
 
 void scatter_tokens_inplace_cuda(const at::Tensor& base, const at::Tensor& index, const at::Tensor& src) {
-  check_tokens("base", base);
-  check_index("index", index);
-  check_tokens("src", src);
-  ENAT_CHECK_SAME_DEVICE("base", base, "index", index);
-  ENAT_CHECK_SAME_DEVICE("base", base, "src", src);
-  ENAT_CHECK_SAME_DTYPE("base", base, "src", src);
-  ENAT_CHECK_SIZE("index", index, 0, "base", base, 0);
-  ENAT_CHECK_SIZE("src", src, 0, "base", base, 0);
-  ENAT_CHECK_SIZE("src", src, 1, "index", index, 1);
-  ENAT_CHECK_SIZE("src", src, 2, "base", base, 2);
-  ENAT_CHECK_VALUE(index.size(1) <= base.size(1), "index has more positions than base has rows, got index ",
-                   ::enat::describe(index), " and base ", ::enat::describe(base));
+  check_scatter(base, index, src);
   ENAT_CHECK_NOT_EXPANDED("base", base);
   const c10::cuda::CUDAGuard guard(base.device());
   const int64_t B = base.size(0), n = index.size(1), row_bytes = base.size(2) * base.element_size();
