@@ -1,4 +1,18 @@
-"""enat: the ENAT model (ENAT-S/B/L), its reuse sampler and FLOP counter, composed from enat_kernels.ops.
+"""enat: the ENAT model (ENAT-S/B/L) on the kernels of enat_kernels.ops, its reuse sampler with
+classifier-free guidance, a plain-NAT baseline and the paper's FLOP counter.
 
-The package holds no model code yet; the ops it is built from are in enat_kernels.ops.
+    import enat
+    model = enat.load_official("nnet_ema.pth", "ENAT-L")      # or enat.ENAT(enat.config("ENAT-S"))
+    ids = enat.sample(model, labels, steps=8)                  # (B, L) VQ token ids
+    enat.flops.generation_macs("ENAT-S")                       # 22.6e9 MACs per image
 """
+
+from . import flops
+from .checkpoint import load_official
+from .config import MASK_ID, NULL_CLASS, ENATConfig, config
+from .model import ENAT, ENATOutput, PlainNAT
+from .sampler import sample
+from .schedule import mask_schedule
+
+__all__ = ["ENAT", "ENATConfig", "ENATOutput", "PlainNAT", "config", "flops", "load_official", "mask_schedule",
+           "sample", "MASK_ID", "NULL_CLASS"]

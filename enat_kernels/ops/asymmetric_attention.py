@@ -12,6 +12,7 @@ import math
 import numbers
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from .. import triton_utils
 from .._library import register_cuda_fake, register_router
@@ -438,6 +439,25 @@ def _backward(ctx, grad_out, _grad_lse):
 
 
 torch.library.register_autograd("enat::asymmetric_attention", _backward, setup_context=_setup)
+
+
+# FLOP formulas for torch.utils.flop_counter.FlopCounterMode (2 FLOPs a multiply-accumulate): the
+# forward is two matmuls over Lc + Ls keys, the backward four (dV, dP, dQ, dK), as for SDPA.
+
+
+def _attention_flops(q_shape, k_ctx_shape, k_self_shape, matmuls):
+    B, H, Lq, D = q_shape
+    return 2 * matmuls * B * H * Lq * (k_ctx_shape[2] + k_self_shape[2]) * D
+
+
+@register_flop_formula(torch.ops.enat.asymmetric_attention)
+def _forward_flops(q, k_ctx, v_ctx, k_self, v_self, *args, out_shape=None, **kwargs):
+    return _attention_flops(q, k_ctx, k_self, 2)
+
+
+@register_flop_formula(torch.ops.enat.asymmetric_attention_backward)
+def _backward_flops(grad_out, q, k_ctx, v_ctx, k_self, v_self, *args, out_shape=None, **kwargs):
+    return _attention_flops(q, k_ctx, k_self, 4)
 
 
 # Public API.

@@ -1,0 +1,47 @@
+"""Loading the checkpoints released with the paper (official key names, strict key checking)."""
+
+import os
+
+import torch
+
+from .config import resolve
+from .model import ENAT
+
+UNUSED_PREFIXES = ("prev_embedder.",)  # in the official checkpoints, never used by the forward pass
+
+
+def _state_dict(state_dict_or_path):
+    if isinstance(state_dict_or_path, (str, os.PathLike)):
+        state = torch.load(state_dict_or_path, map_location="cpu", weights_only=True)
+    else:
+        state = state_dict_or_path
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise TypeError("state_dict_or_path must be a state dict (parameter name -> tensor) or the path of one, "
+                        f"got {type(state).__name__}")
+    prefix = "module."  # saved from a DistributedDataParallel wrapper
+    if state and all(key.startswith(prefix) for key in state):
+        state = {key[len(prefix):]: value for key, value in state.items()}
+    return {key: value for key, value in state.items() if not key.startswith(UNUSED_PREFIXES)}
+
+
+def load_official(state_dict_or_path, name, resolution=256):
+    """An enat.ENAT in eval mode holding the weights of an official checkpoint (a state dict or the path
+    of one) for `name` ("ENAT-S", "ENAT-B", "ENAT-L" or an ENATConfig) at `resolution` px. Keys are
+    checked strictly; the unused prev_embedder.* keys are dropped."""
+    cfg = resolve(name, resolution)
+    state = _state_dict(state_dict_or_path)
+    model = ENAT(cfg)
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    wrong_shape = [f"{key}: checkpoint {tuple(state[key].shape)}, {cfg.name} {tuple(expected[key].shape)}"
+                   for key in sorted(expected.keys() & state.keys()) if state[key].shape != expected[key].shape]
+    if missing or unexpected or wrong_shape:
+        lines = [f"the checkpoint does not match {cfg.name} at {cfg.resolution} px "
+                 f"(width {cfg.width}, {cfg.depth} blocks, {cfg.seq_len} tokens):"]
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+            if keys:
+                lines.append(f"  {label} ({len(keys)}): " + ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else ""))
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(state, strict=True)
+    return model.eval()

@@ -1,0 +1,63 @@
+"""Multiply-accumulates of an ENAT generation, counted the way the paper counts them.
+
+The paper's "GFLOPs" are MACs of the linear layers and of both attention matmuls (q k^T and p v) for
+the whole T-step generation of one image, both classifier-free-guidance passes included; the system
+tables add the VQ decoder. Embeddings, norms, activations and the sampler cost nothing. The count
+follows the forward pass of enat.model exactly, so torch.utils.flop_counter on a real sampling run
+gives twice these numbers (it counts a MAC as two FLOPs); the tests check that.
+"""
+
+from .config import VOCAB, resolve
+from .schedule import mask_schedule
+
+VQ_DECODER_MACS = {256: 93e9, 512: 373e9}  # the paper's VQ decoder cost per image, by resolution
+
+
+def _block_macs(d, queries, ctx, self_keys):
+    """One block: q, kv.B, proj and MLP on the queries, kv.A on the context, both attention matmuls."""
+    linear = 12 * d * d * queries + 2 * d * d * ctx
+    attention = 2 * queries * (ctx + self_keys) * d
+    return linear + attention
+
+
+def forward_macs(cfg, n_masked, n_prev_masked=None, *, plain=False):
+    """MACs of one forward of one row: n_masked [MASK] tokens now, n_prev_masked in the previous
+    step's state (None: no reuse); plain=True counts enat.PlainNAT (every token through every block)."""
+    d, L = cfg.width, cfg.seq_len
+    macs = cfg.depth * 8 * d * d  # adaLN modulation of the label embedding
+    macs += L * (d * d + d * VOCAB)  # mlm_layer.fc and the tied-embedding logits
+    if plain:
+        return macs + cfg.depth * _block_macs(d, L, 0, L)
+    visible = L - n_masked
+    if n_prev_masked is None:  # every visible token is encoded, among visible tokens only
+        encoded, ctx = visible, 0
+    else:  # only the critical tokens are encoded, over the projected cache
+        encoded, ctx = n_prev_masked - n_masked, L - n_prev_masked
+        macs += ctx * 8 * d * d  # prev_proj MLP
+    if encoded:
+        macs += cfg.depth_enc * _block_macs(d, encoded, ctx, encoded)
+    if n_masked:
+        macs += cfg.depth_dec * _block_macs(d, n_masked, visible, n_masked)
+    return macs
+
+
+def generation_macs(name_or_cfg, *, resolution=256, steps=8, guidance=True, reuse=True, vq_decoder=False,
+                    plain=False):
+    """MACs to generate one image with enat.sample (plain=True: with enat.PlainNAT).
+
+    name_or_cfg: "ENAT-S", "ENAT-B", "ENAT-L" (at `resolution`) or an ENATConfig; guidance counts both CFG
+    passes; reuse=False counts the disentangled model without feature reuse; vq_decoder adds the paper's
+    VQ decoder cost (256 and 512 px only)."""
+    cfg = resolve(name_or_cfg, resolution)
+    counts = mask_schedule(cfg.seq_len, steps)
+    total = 0
+    for k in range(steps):
+        prev = counts[k - 1] if (reuse and k > 0 and not plain) else None
+        total += forward_macs(cfg, counts[k], prev, plain=plain)
+    total *= 2 if guidance else 1
+    if vq_decoder:
+        if cfg.resolution not in VQ_DECODER_MACS:
+            raise ValueError(f"generation_macs: the VQ decoder cost is known at {sorted(VQ_DECODER_MACS)} px, "
+                             f"not {cfg.resolution}")
+        total += VQ_DECODER_MACS[cfg.resolution]
+    return int(total)

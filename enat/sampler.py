@@ -1,0 +1,84 @@
+"""The ENAT sampler: T steps of cosine-scheduled reveals with classifier-free guidance and feature reuse.
+
+Randomness, so that any implementation can reproduce the ids from the same generator: at step k,
+with n [MASK] tokens and P their positions in ascending order, exactly two draws are made,
+u1 = torch.rand((B, n, 1024)) then u2 = torch.rand((B, n)), float32 on `generator`. With
+gumbel(u) = -log(-log(max(u, tiny))) in the logits' dtype (float32 at least):
+sampled = argmax(logp[P] / temp + gumbel(u1)) and confidence = logp[P][sampled] + mask_temp * (1 - r)
+* gumbel(u2), where logp = log_softmax(cond + g_k (cond - uncond)).
+"""
+
+import math
+
+import torch
+
+import enat_kernels.ops as K
+
+from .config import MASK_ID, NULL_CLASS, VOCAB
+from .schedule import mask_schedule
+
+
+def _gumbel(u, dtype):
+    u = u.to(dtype)
+    return -torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float32).tiny)))
+
+
+def _check(model, labels, steps, cfg_scale, mask_temp, samp_temp, generator):
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype != torch.int64:
+        raise ValueError(f"labels must be a (B,) int64 tensor of classes, got "
+                         f"{type(labels).__name__ if not isinstance(labels, torch.Tensor) else (labels.dtype, tuple(labels.shape))}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    for name, value in (("cfg_scale", cfg_scale), ("mask_temp", mask_temp), ("samp_temp", samp_temp)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    device = model.x_embedder.word_embeddings.weight.device
+    if labels.device != device:
+        raise ValueError(f"labels must be on the model's device ({device}), got {labels.device}")
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generator must be on the model's device ({device}), got one on {generator.device}")
+
+
+@torch.no_grad()
+def sample(model, labels, *, steps=8, cfg_scale=2.5, mask_temp=1.5, samp_temp=6.0, reuse=True, generator=None,
+           cfg_batch=True):
+    """Generate token ids (B, L) for labels (B,) int64 with an enat.ENAT or enat.PlainNAT.
+
+    Step k (r = (k+1)/T) keeps floor(L cos(pi/2 r)) tokens masked, guidance weight g_k = k/T * cfg_scale.
+    Both CFG branches (labels, and the null class) run as one forward of 2B rows, each row keeping its
+    own cache (cfg_batch=False runs them as two passes, as the paper's code does; same ids).
+    reuse=False runs ENAT without feature reuse (the disentangled model); PlainNAT reuses nothing.
+    The paper's defaults are cfg_scale 2.5, mask_temp 1.5, samp_temp 6 at 256 px and 3.5, 1.5, 4 at
+    512 px (model.cfg holds them). The step loop reads nothing back from the device: every count
+    is known from the schedule."""
+    _check(model, labels, steps, cfg_scale, mask_temp, samp_temp, generator)
+    B, L, device = labels.shape[0], model.cfg.seq_len, labels.device
+    counts = mask_schedule(L, steps)
+    reuse = reuse and model.reuses_features
+    ids = torch.full((B, L), MASK_ID, dtype=torch.int64, device=device)
+    null = torch.full_like(labels, NULL_CLASS)
+    branches = [torch.cat([labels, null])] if cfg_batch else [labels, null]
+    states = [None] * len(branches)
+    for k in range(steps):
+        n, n_after, r = counts[k], counts[k + 1], (k + 1) / steps
+        logits = []
+        for i, branch_labels in enumerate(branches):
+            rows = ids.repeat(len(branch_labels) // B, 1)
+            prev = states[i] if reuse and k > 0 else None
+            out = model(rows, branch_labels, prev, n_masked=n, n_prev_masked=None if prev is None else counts[k - 1])
+            states[i] = out
+            logits.append(out.logits)
+        cond, uncond = logits[0].chunk(2) if cfg_batch else logits
+        masked_at = K.mask_to_index(ids == MASK_ID, n)  # P, (B, n)
+        cond, uncond = K.gather_tokens(cond, masked_at), K.gather_tokens(uncond, masked_at)
+        dtype = torch.promote_types(cond.dtype, torch.float32)
+        guided = cond.to(dtype) + (k / steps * cfg_scale) * (cond.to(dtype) - uncond.to(dtype))
+        logp = torch.log_softmax(guided, dim=-1)  # (B, n, 1024)
+        temp = max(samp_temp * (1 - r), 1e-3)
+        u1 = torch.rand((B, n, VOCAB), generator=generator, dtype=torch.float32, device=device)
+        sampled = (logp / temp + _gumbel(u1, dtype)).argmax(dim=-1)
+        u2 = torch.rand((B, n), generator=generator, dtype=torch.float32, device=device)
+        confidence = logp.gather(-1, sampled.unsqueeze(-1)).squeeze(-1) + mask_temp * (1 - r) * _gumbel(u2, dtype)
+        remask = confidence.topk(n_after, dim=-1, largest=False).indices  # the least confident stay [MASK]
+        ids = ids.scatter(1, masked_at, sampled.scatter(1, remask, MASK_ID))
+    return ids
