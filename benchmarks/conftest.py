@@ -47,6 +47,8 @@ def pytest_terminal_summary(terminalreporter, config):
                 cells.append(f"{r['TFLOP/s']:8.2f} TFLOP/s")
             if r.get("GB/s") is not None:
                 cells.append(f"{r['GB/s']:8.1f} GB/s")
+            if r.get("images/s") is not None:
+                cells.append(f"{r['images/s']:8.2f} images/s  {r['GMACs/image']:7.1f} GMACs/image")
             if "copy" in by_provider and r["provider"] != "copy":
                 cells.append(f"{by_provider['copy'] / r['median_s']:6.0%} of copy")
             for base in r.get("baselines", ()) if r["provider"].startswith("enat-") else ():

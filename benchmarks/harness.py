@@ -55,18 +55,27 @@ def prepare(fn):
     return fn
 
 
-def measure(benchmark, fn, *, op, provider, mode, shape, dtype, flops=None, bytes_moved=None, baselines=()):
-    """Benchmark fn and record the result; `baselines` name the providers to compare with in the table."""
+def measure(benchmark, fn, *, op, provider, mode, shape, dtype, flops=None, bytes_moved=None, images=None,
+            baselines=(), rounds=None):
+    """Benchmark fn and record the result; `baselines` name the providers to compare with in the table.
+    `rounds` fixes the number of timed rounds (after one warm-up call) for calls that take seconds."""
     benchmark.group = f"{op} {mode} {shape} {str(dtype).removeprefix('torch.')}"
     benchmark.extra_info.update(
         environment(), op=op, provider=provider, mode=mode, shape=shape,
         dtype=str(dtype).removeprefix("torch."), flops=flops, bytes=bytes_moved, baselines=list(baselines),
     )
-    benchmark(prepare(fn))
-    if benchmark.stats is None:  # --benchmark-disable: the function ran once, nothing was timed
+    if benchmark.disabled:  # --benchmark-disable: one call, nothing timed
+        benchmark(lambda: prepare(fn))
         return
+    prepare(fn)
+    if rounds is None:
+        benchmark(fn)
+    else:
+        benchmark.pedantic(fn, rounds=rounds, iterations=1)
     median = benchmark.stats.stats.median
     benchmark.extra_info["median_s"] = median
+    if images is not None:
+        benchmark.extra_info["images/s"] = images / median
     if flops is not None:
         benchmark.extra_info["TFLOP/s"] = flops / median / 1e12
     if bytes_moved is not None:

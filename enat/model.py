@@ -43,6 +43,11 @@ class KernelOps:
     merge = staticmethod(K.merge_cache)  # (fresh, fresh_selector, cached, cached_selector) -> rows
 
 
+def _values_checked(t):
+    """Check tensor values: on CPU (free) or in debug mode, never while torch.compile traces."""
+    return _checks.values_checked(t) and not torch.compiler.is_compiling()
+
+
 def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
@@ -215,7 +220,7 @@ class _NATBase(nn.Module):
             raise TypeError(f"labels must be int64, got {labels.dtype}")
         if ids.device != labels.device:
             raise ValueError(f"ids and labels must be on one device, got {ids.device} and {labels.device}")
-        if _checks.values_checked(ids):
+        if _values_checked(ids):
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) > MASK_ID):
                 raise ValueError(f"ids must lie in [0, {MASK_ID}] ({MASK_ID} = [MASK]), got values in "
                                  f"[{int(ids.min())}, {int(ids.max())}]")
@@ -294,7 +299,7 @@ class ENAT(_NATBase):
         if feat.device != ids.device or prev_masking.device != ids.device:
             raise ValueError(f"prev must be on the device of ids ({ids.device}), got feat on {feat.device} "
                              f"and masking on {prev_masking.device}")
-        if _checks.values_checked(ids) and bool((masking & ~prev_masking).any()):
+        if _values_checked(ids) and bool((masking & ~prev_masking).any()):
             raise ValueError("prev masking must contain this step's [MASK] positions (a token visible in "
                              "prev cannot be [MASK] again)")
         return feat, prev_masking

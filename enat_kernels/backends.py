@@ -79,6 +79,13 @@ class Dispatcher:
             reasons += impl.why_not(*args)
         return reasons
 
+    def _serves(self, backend, device, args):
+        """reasons() == [] without working out every reason: the device comes first."""
+        impl = self.impls.get(backend)
+        if impl is None or _device_reasons(backend, device, False):
+            return False
+        return impl.why_not is None or not impl.why_not(*args)
+
     def select(self, backend, device, *args, preferred=None):
         """The backend to run: the forced one, else `preferred` (the backend of the forward, for a
         backward) if it can serve, else the first in order of preference that can."""
@@ -92,12 +99,10 @@ class Dispatcher:
             return forced
         if preferred is not None and not self.reasons(preferred, device, args, forced=True):
             return preferred
-        why = {}
         for candidate in self.order:
-            why[candidate] = self.reasons(candidate, device, args)
-            if not why[candidate]:
+            if self._serves(candidate, device, args):
                 return candidate
-        lines = [f"{b}: {r}" for b, rs in why.items() for r in rs]
+        lines = [f"{b}: {r}" for b in self.order for r in self.reasons(b, device, args)]
         raise BackendUnavailableError(f"no backend can serve enat::{self.op} for these inputs:\n  - " + "\n  - ".join(lines))
 
     def run(self, backend, device, *args):

@@ -35,18 +35,25 @@ def _segment_scores(q, keys, scale):
     return [torch.matmul(qa, k.to(acc).transpose(-1, -2)) * scale for k in keys]
 
 
-def _row_max(s):
-    return s.amax(dim=-1) if s.shape[-1] else s.new_full(s.shape[:-1], -math.inf)
-
 
 def asymmetric_attention_reference(q, k_ctx, v_ctx, k_self, v_self, scale):
-    """Returns out (B, H, Lq, D) in q's dtype and lse (B, H, Lq) in the accumulator dtype."""
-    scores = _segment_scores(q, (k_ctx, k_self), scale)
-    m = torch.maximum(*(_row_max(s) for s in scores)).unsqueeze(-1)  # max over both segments
-    p = [torch.exp(s - m) for s in scores]
-    denom = p[0].sum(dim=-1, keepdim=True) + p[1].sum(dim=-1, keepdim=True)
-    out = sum(torch.matmul(pi, v.to(pi.dtype)) for pi, v in zip(p, (v_ctx, v_self))) / denom
-    return out.to(q.dtype), (m + torch.log(denom)).squeeze(-1)
+    """Returns out (B, H, Lq, D) in q's dtype and lse (B, H, Lq) in the accumulator dtype.
+
+    Each non-empty segment contributes exp(scores - row max) to one denominator and its p @ v to
+    one numerator; the segments are never joined."""
+    acc = _accumulator_dtype(q.dtype)
+    qa = q.to(acc) * scale
+    segments = [(k.to(acc), v.to(acc)) for k, v in ((k_ctx, v_ctx), (k_self, v_self)) if k.shape[2]]
+    scores = [torch.matmul(qa, k.transpose(-1, -2)) for k, _ in segments]
+    m = scores[0].amax(dim=-1, keepdim=True)
+    for s in scores[1:]:
+        m = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+    numerator, denominator = 0, 0
+    for s, (_, v) in zip(scores, segments):
+        p = s.sub_(m).exp_()
+        denominator = denominator + p.sum(dim=-1, keepdim=True)
+        numerator = numerator + torch.matmul(p, v)
+    return (numerator / denominator).to(q.dtype), (m + torch.log(denominator)).squeeze(-1)
 
 
 def asymmetric_attention_backward_reference(grad_out, q, k_ctx, v_ctx, k_self, v_self, out, lse, scale):
