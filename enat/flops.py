@@ -13,32 +13,31 @@ from .schedule import mask_schedule
 VQ_DECODER_MACS = {256: 93e9, 512: 373e9}  # the paper's VQ decoder cost per image, by resolution
 
 
-def _block_macs(d, queries, ctx, self_keys):
-    """One block: q, kv.B, proj and MLP on the queries, kv.A on the context, both attention matmuls."""
-    linear = 12 * d * d * queries + 2 * d * d * ctx
-    attention = 2 * queries * (ctx + self_keys) * d
-    return linear + attention
+def _blocks_macs(cfg, n_blocks, queries, ctx, self_keys):
+    """n_blocks blocks: adaLN modulation, then q, kv.B, proj and MLP on the queries, kv.A on the
+    context, both attention matmuls. A block with no query is skipped, its modulation included."""
+    if not queries:
+        return 0
+    d = cfg.width
+    per_block = 8 * d * d + 12 * d * d * queries + 2 * d * d * ctx + 2 * queries * (ctx + self_keys) * d
+    return n_blocks * per_block
 
 
 def forward_macs(cfg, n_masked, n_prev_masked=None, *, plain=False):
     """MACs of one forward of one row: n_masked [MASK] tokens now, n_prev_masked in the previous
     step's state (None: no reuse); plain=True counts enat.PlainNAT (every token through every block)."""
     d, L = cfg.width, cfg.seq_len
-    macs = cfg.depth * 8 * d * d  # adaLN modulation of the label embedding
-    macs += L * (d * d + d * VOCAB)  # mlm_layer.fc and the tied-embedding logits
+    macs = L * (d * d + d * VOCAB)  # mlm_layer.fc and the tied-embedding logits
     if plain:
-        return macs + cfg.depth * _block_macs(d, L, 0, L)
+        return macs + _blocks_macs(cfg, cfg.depth, L, 0, L)
     visible = L - n_masked
     if n_prev_masked is None:  # every visible token is encoded, among visible tokens only
         encoded, ctx = visible, 0
     else:  # only the critical tokens are encoded, over the projected cache
         encoded, ctx = n_prev_masked - n_masked, L - n_prev_masked
         macs += ctx * 8 * d * d  # prev_proj MLP
-    if encoded:
-        macs += cfg.depth_enc * _block_macs(d, encoded, ctx, encoded)
-    if n_masked:
-        macs += cfg.depth_dec * _block_macs(d, n_masked, visible, n_masked)
-    return macs
+    macs += _blocks_macs(cfg, cfg.depth_enc, encoded, ctx, encoded)
+    return macs + _blocks_macs(cfg, cfg.depth_dec, n_masked, visible, n_masked)
 
 
 def generation_macs(name_or_cfg, *, resolution=256, steps=8, guidance=True, reuse=True, vq_decoder=False,

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from enat import ENATConfig
 from enat_kernels import triton_utils
 
 HAS_GPU = torch.cuda.is_available()
@@ -65,3 +66,30 @@ def assert_within_budget(out, oracle, torch_same_dtype, factor, what=""):
     base = max_error(torch_same_dtype, oracle)
     ulp = torch.finfo(out.dtype).eps * oracle.double().abs().max().item()
     assert err <= factor * base + ulp, f"{what}: error {err:.3e} > {factor} x {base:.3e} (torch) + {ulp:.3e} (ulp)"
+
+
+# Model helpers.
+
+TINY = ENATConfig("tiny", depth_enc=2, depth_dec=2, width=48, heads=3, resolution=80)  # L = 25, head dim 16
+SMALL_S = ENATConfig("ENAT-S-64px", depth_enc=15, depth_dec=1, width=366, heads=6, resolution=64)  # head dim 61
+
+
+def oracle_cfg(cfg):
+    """The config dict enat_oracle takes."""
+    return dict(depth_enc=cfg.depth_enc, depth_dec=cfg.depth_dec, width=cfg.width, heads=cfg.heads)
+
+
+def perturbed(model_class, cfg, dtype=torch.float64, seed=0):
+    """A model whose every parameter is random: LayerNorm weights near 1, the rest ~ N(0, 1/fan_in)."""
+    model = model_class(cfg).to(dtype).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            if p.dim() == 1 and name.endswith("weight"):  # LayerNorm scales
+                p.copy_(1 + 0.2 * noise)
+            elif p.dim() == 1 or name == "mlm_layer.bias":
+                p.copy_(0.2 * noise)
+            else:
+                p.copy_(noise / p.shape[-1] ** 0.5)
+    return model

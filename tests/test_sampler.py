@@ -1,0 +1,120 @@
+"""enat.sample: the reveal schedule, ids equal to the independent two-pass sampler of enat_oracle.py
+(which keeps a separate cache per CFG branch), batched CFG equal to two passes, the paper-style path
+equal to ours, determinism, valid ids, and no host synchronisation on a GPU.
+"""
+
+import functools
+
+import pytest
+import torch
+
+import enat
+import enat.paper_style
+from enat import ENAT, ENATConfig, PlainNAT
+from enat.config import MASK_ID, VOCAB
+from enat_oracle import oracle_forward, oracle_plain_forward, oracle_sample
+from helpers import TINY, needs_gpu, oracle_cfg, perturbed
+
+LABELS = torch.tensor([3, 1000, 17])
+SETTINGS = dict(cfg_scale=2.5, mask_temp=1.5, samp_temp=6.0)
+
+
+def _gen(seed=0, device="cpu"):
+    return torch.Generator(device).manual_seed(seed)
+
+
+def test_schedule_matches_the_paper():
+    counts = enat.mask_schedule(256, 8)
+    assert [a - b for a, b in zip(counts, counts[1:])] == [5, 15, 24, 31, 39, 45, 48, 49]
+    assert counts[0] == 256 and counts[-1] == 0
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        enat.mask_schedule(256, 0)
+
+
+def test_sampling_reveals_the_scheduled_counts():
+    """At L = 256, T = 8, the forward of step k sees the scheduled number of [MASK] tokens."""
+    cfg = ENATConfig("tiny-256px", depth_enc=1, depth_dec=1, width=32, heads=2, resolution=256)
+    model = perturbed(ENAT, cfg, dtype=torch.float32)
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append((args[0] == MASK_ID).sum(1).tolist()))
+    ids = enat.sample(model, LABELS, steps=8, generator=_gen())
+    assert seen == [[n] * 2 * len(LABELS) for n in enat.mask_schedule(256, 8)[:-1]]  # 2B rows: both branches
+    assert not (ids == MASK_ID).any()
+
+
+@pytest.mark.parametrize("reuse", [True, False], ids=["reuse", "no-reuse"])
+def test_ids_match_the_oracle_sampler(reuse):
+    model = perturbed(ENAT, TINY)
+    forward = functools.partial(oracle_forward, model.state_dict(), oracle_cfg(TINY))
+    expected = oracle_sample(forward, LABELS, steps=5, reuse=reuse, generator=_gen(), seq_len=TINY.seq_len, **SETTINGS)
+    ids = enat.sample(model, LABELS, steps=5, reuse=reuse, generator=_gen(), **SETTINGS)
+    assert torch.equal(ids, expected)
+
+
+def test_plain_nat_samples_like_the_oracle():
+    model = perturbed(PlainNAT, TINY)
+    forward = functools.partial(
+        lambda sd, cfg, ids, labels, prev: oracle_plain_forward(sd, cfg, ids, labels), model.state_dict(), oracle_cfg(TINY)
+    )
+    expected = oracle_sample(forward, LABELS, steps=4, reuse=False, generator=_gen(), seq_len=TINY.seq_len, **SETTINGS)
+    assert torch.equal(enat.sample(model, LABELS, steps=4, generator=_gen(), **SETTINGS), expected)
+
+
+@pytest.mark.parametrize("reuse", [True, False], ids=["reuse", "no-reuse"])
+def test_batched_cfg_equals_two_passes(reuse):
+    model = perturbed(ENAT, TINY)
+    batched = enat.sample(model, LABELS, steps=6, reuse=reuse, generator=_gen(3))
+    two_passes = enat.sample(model, LABELS, steps=6, reuse=reuse, generator=_gen(3), cfg_batch=False)
+    assert torch.equal(batched, two_passes)
+
+
+def test_paper_style_path_gives_the_same_ids():
+    """The benchmark's baseline does the same computation: same weights, same ids."""
+    model = perturbed(ENAT, TINY)
+    ours = enat.sample(model, LABELS, steps=6, generator=_gen(4))
+    paper = enat.paper_style.sample(model, LABELS, steps=6, generator=_gen(4))
+    assert torch.equal(ours, paper)
+    assert model.ops is enat.model.KernelOps  # restored afterwards
+
+
+def test_deterministic_with_a_generator_and_valid():
+    model = perturbed(ENAT, TINY, dtype=torch.float32)
+    a = enat.sample(model, LABELS, generator=_gen(5))
+    b = enat.sample(model, LABELS, generator=_gen(5))
+    c = enat.sample(model, LABELS, generator=_gen(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.dtype == torch.int64 and a.shape == (len(LABELS), TINY.seq_len)
+    assert a.min() >= 0 and a.max() < VOCAB
+
+
+def test_more_steps_than_needed_and_one_step():
+    model = perturbed(ENAT, TINY, dtype=torch.float32)
+    for steps in (1, 30):  # T = 30 > L = 25: some steps reveal nothing, so the reuse step has no critical token
+        ids = enat.sample(model, LABELS, steps=steps, generator=_gen())
+        assert ids.min() >= 0 and ids.max() < VOCAB
+
+
+def test_bad_arguments():
+    model = ENAT(TINY)
+    with pytest.raises(ValueError, match="labels must be a \\(B,\\) int64"):
+        enat.sample(model, LABELS.int())
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        enat.sample(model, LABELS, steps=0)
+    with pytest.raises(ValueError, match="cfg_scale must be a finite number"):
+        enat.sample(model, LABELS, cfg_scale=float("nan"))
+    with pytest.raises(ValueError, match="labels must be on the model's device"):
+        enat.sample(model, LABELS.to("meta"))
+
+
+@needs_gpu
+def test_no_host_sync_in_the_step_loop():
+    model = perturbed(ENAT, TINY, dtype=torch.float32).cuda()
+    labels = LABELS.cuda()
+    enat.sample(model, labels, steps=4, generator=_gen(0, "cuda"))  # warm-up: Triton compiles, autotunes
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ids = enat.sample(model, labels, steps=4, generator=_gen(0, "cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    expected = enat.sample(model.cpu(), LABELS, steps=4, generator=_gen(0))
+    assert (ids.cpu() == expected).float().mean() > 0.9  # GPU and CPU arithmetic differ by rounding
