@@ -21,8 +21,23 @@ def _cases(benchmarks):
     return cases
 
 
+def _sample_line(key, providers):
+    """Generation: images/s per provider and ENAT's speed-up over the paper-style path (CPU target 1.25x)."""
+    op, _, shape, dtype = key
+    cells = [f"{op:<21} {shape:<10} {dtype:<8}"]
+    cells += [f"{p} {r['images/s']:.2f} img/s" for p, r in providers.items() if r.get("images/s") is not None]
+    if "enat-reuse" in providers and "paper-style" in providers:
+        ratio = providers["paper-style"]["median_s"] / providers["enat-reuse"]["median_s"]
+        on_cpu = providers["enat-reuse"].get("cuda") is None
+        cells.append(f"{ratio:.2f}x vs paper-style" + (f" ({'ok' if ratio >= 1.25 else 'MISS'} >= 1.25 on CPU)"
+                                                       if on_cpu else ""))
+    return "  ".join(cells)
+
+
 def _line(key, providers):
     op, mode, shape, dtype = key
+    if op.startswith("sample "):
+        return _sample_line(key, providers)
     ours = {p: r for p, r in providers.items() if p.startswith("enat-")}
     if not ours:
         return None

@@ -26,12 +26,19 @@ step "tests"
 ENAT_KERNELS_AUTOTUNE=0 $PY -m pytest tests/ -q -rs --junitxml="$OUT_DIR/tests.xml" 2>&1 | tee "$OUT_DIR/tests.txt" | tail -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-step "benchmarks"
-$PY -m pytest benchmarks/ --benchmark-only -q --benchmark-min-rounds=5 --benchmark-max-time=0.2 \
+step "benchmarks: ops"
+$PY -m pytest benchmarks/ --benchmark-only -q --benchmark-min-rounds=5 --benchmark-max-time=0.2 -k "not bench_sample" \
     --benchmark-columns=median,rounds --benchmark-json="$OUT_DIR/bench.json" > "$OUT_DIR/bench.txt" 2>&1 || status=1
 tail -5 "$OUT_DIR/bench.txt"
 
+# Generation at 256 px here (batch 32 and 128, every provider); `make bench` adds 512 px.
+step "benchmarks: generation (256 px)"
+$PY -m pytest benchmarks/bench_model.py --benchmark-only -q -k "256" \
+    --benchmark-columns=median,rounds --benchmark-json="$OUT_DIR/bench_model.json" > "$OUT_DIR/bench_model.txt" 2>&1 || status=1
+tail -5 "$OUT_DIR/bench_model.txt"
+
 step "summary"
 $PY benchmarks/summarize.py "$OUT_DIR/bench.json" | tee "$OUT_DIR/summary.txt"
+$PY benchmarks/summarize.py "$OUT_DIR/bench_model.json" | tee -a "$OUT_DIR/summary.txt"
 echo "status: $([ $status -eq 0 ] && echo OK || echo FAILED)"
 exit $status
