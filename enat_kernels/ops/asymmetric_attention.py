@@ -46,14 +46,18 @@ def asymmetric_attention_reference(q, k_ctx, v_ctx, k_self, v_self, scale):
     segments = [(k.to(acc), v.to(acc)) for k, v in ((k_ctx, v_ctx), (k_self, v_self)) if k.shape[2]]
     scores = [torch.matmul(qa, k.transpose(-1, -2)) for k, _ in segments]
     m = scores[0].amax(dim=-1, keepdim=True)
-    for s in scores[1:]:
-        m = torch.maximum(m, s.amax(dim=-1, keepdim=True))
-    numerator, denominator = 0, 0
+    if len(scores) == 2:
+        m = torch.maximum(m, scores[1].amax(dim=-1, keepdim=True))
+    numerator = denominator = None
     for s, (_, v) in zip(scores, segments):
         p = s.sub_(m).exp_()
-        denominator = denominator + p.sum(dim=-1, keepdim=True)
-        numerator = numerator + torch.matmul(p, v)
-    return (numerator / denominator).to(q.dtype), (m + torch.log(denominator)).squeeze(-1)
+        if numerator is None:
+            numerator, denominator = torch.matmul(p, v), p.sum(dim=-1, keepdim=True)
+        else:
+            numerator.add_(torch.matmul(p, v))
+            denominator.add_(p.sum(dim=-1, keepdim=True))
+    lse = m.squeeze(-1).add_(denominator.log().squeeze(-1))
+    return numerator.div_(denominator).to(q.dtype), lse
 
 
 def asymmetric_attention_backward_reference(grad_out, q, k_ctx, v_ctx, k_self, v_self, out, lse, scale):
