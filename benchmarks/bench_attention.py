@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import enat_kernels.ops as K
+from enat.paper_style import PaperStyleOps
 from harness import DEVICE, ON_GPU, measure
 
 if ON_GPU:
@@ -29,19 +30,13 @@ def _cat_sdpa(q, k_ctx, v_ctx, k_self, v_self):
     return F.scaled_dot_product_attention(q, torch.cat([k_ctx, k_self], 2), torch.cat([v_ctx, v_self], 2))
 
 
-def _naive(q, k_ctx, v_ctx, k_self, v_self):
-    """The paper code's attention: concatenate, then matmul, softmax, matmul."""
-    k, v = torch.cat([k_ctx, k_self], 2), torch.cat([v_ctx, v_self], 2)
-    return ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1) @ v
-
-
 PROVIDERS = {
     "enat-cuda": lambda *a: K.asymmetric_attention(*a, backend="cuda"),
     "enat-triton": lambda *a: K.asymmetric_attention(*a, backend="triton"),
     "enat-reference": lambda *a: K.asymmetric_attention(*a, backend="reference"),
     BASELINE: _cat_sdpa,
     "sdpa (concatenated)": None,  # K/V concatenated before timing: the floor for any two-segment kernel
-    "naive (paper)": _naive,
+    "naive (paper)": PaperStyleOps.attention,  # concatenate, then matmul, softmax, matmul
 }
 if ON_GPU:  # the fp32 reference materialises fp32 scores: tens of GB at these shapes, and no contender
     del PROVIDERS["enat-reference"]

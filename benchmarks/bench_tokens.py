@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import enat_kernels.ops as K
+from enat.paper_style import PaperStyleOps as P
 from harness import DEVICE, ON_GPU, measure
 
 if ON_GPU:
@@ -43,7 +44,7 @@ def _cases(op, B, L, D, n, mask, x):
     if op == "gather_tokens":
         cases = {p: (lambda b=b: K.gather_tokens(x, idx, backend=b)) for p, b in ENAT.items()}
         cases["torch.gather"] = lambda: torch.gather(x, 1, idx[..., None].expand(-1, -1, D))
-        cases[BASELINE] = lambda: x[mask].view(B, n, D)
+        cases[BASELINE] = lambda: P.gather(x, mask)
         cases["copy"] = _copy(packed)
         return cases, 2 * B * n * D * esize + idx.numel() * 8
     if op == "scatter_tokens":
@@ -54,33 +55,19 @@ def _cases(op, B, L, D, n, mask, x):
         return cases, 2 * B * L * D * esize
     if op == "split_tokens":
         cases = {p: (lambda b=b: K.split_tokens(x, mask, n, backend=b)) for p, b in ENAT.items()}
-        cases[BASELINE] = lambda: (x[~mask].view(B, L - n, D), x[mask].view(B, n, D))
+        cases[BASELINE] = lambda: P.split(x, mask)
         cases["copy"] = _copy(x)
         return cases, 2 * B * L * D * esize
     if op == "restore_tokens":
         visible, masked = K.split_tokens(x, mask, n)
-
-        def bool_mask_restore():
-            out = torch.empty_like(x)
-            out[~mask] = visible.reshape(-1, D)
-            out[mask] = masked.reshape(-1, D)
-            return out
-
         cases = {p: (lambda b=b: K.restore_tokens(visible, masked, mask, backend=b)) for p, b in ENAT.items()}
-        cases[BASELINE] = bool_mask_restore
+        cases[BASELINE] = lambda: P.restore(visible, masked, mask)
         cases["copy"] = _copy(x)
         return cases, 2 * B * L * D * esize
     if op == "merge_cache":
         fresh, cached = K.split_tokens(x, mask, n)
-
-        def bool_mask_merge():  # place both sets in a full-length buffer, read back the union
-            full = torch.empty_like(x)
-            full[mask] = fresh.reshape(-1, D)
-            full[~mask] = cached.reshape(-1, D)
-            return full
-
         cases = {p: (lambda b=b: K.merge_cache(fresh, idx, cached, vis_idx, backend=b)) for p, b in ENAT.items()}
-        cases[BASELINE] = bool_mask_merge
+        cases[BASELINE] = lambda: P.merge(fresh, mask, cached, ~mask)
         cases["copy"] = _copy(x)
         return cases, 2 * B * L * D * esize
     if op == "mask_to_index":

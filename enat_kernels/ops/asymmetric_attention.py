@@ -35,7 +35,6 @@ def _segment_scores(q, keys, scale):
     return [torch.matmul(qa, k.to(acc).transpose(-1, -2)) * scale for k in keys]
 
 
-
 def asymmetric_attention_reference(q, k_ctx, v_ctx, k_self, v_self, scale):
     """Returns out (B, H, Lq, D) in q's dtype and lse (B, H, Lq) in the accumulator dtype.
 
