@@ -22,7 +22,8 @@ def _cases(benchmarks):
 
 
 def _sample_line(key, providers):
-    """Generation: images/s per provider and ENAT's speed-up over the paper-style path (CPU target 1.25x)."""
+    """Generation: images/s per provider and ENAT's speed-up over the paper-style path (CPU target 1.25x),
+    eager and, on a GPU, replayed as a CUDA graph."""
     op, _, shape, dtype = key
     cells = [f"{op:<21} {shape:<10} {dtype:<8}"]
     cells += [f"{p} {r['images/s']:.2f} img/s" for p, r in providers.items() if r.get("images/s") is not None]
@@ -31,6 +32,9 @@ def _sample_line(key, providers):
         on_cpu = providers["enat-reuse"].get("cuda") is None
         cells.append(f"{ratio:.2f}x vs paper-style" + (f" ({'ok' if ratio >= 1.25 else 'MISS'} >= 1.25 on CPU)"
                                                        if on_cpu else ""))
+    if "enat-reuse-graph" in providers and "paper-style" in providers:
+        ratio = providers["paper-style"]["median_s"] / providers["enat-reuse-graph"]["median_s"]
+        cells.append(f"graph {ratio:.2f}x vs paper-style")
     return "  ".join(cells)
 
 

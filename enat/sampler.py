@@ -82,3 +82,66 @@ def sample(model, labels, *, steps=8, cfg_scale=2.5, mask_temp=1.5, samp_temp=6.
         remask = confidence.topk(n_after, dim=-1, largest=False).indices  # the least confident stay [MASK]
         ids = ids.scatter(1, masked_at, sampled.scatter(1, remask, MASK_ID))
     return ids
+
+
+class GraphedSampler:
+    """`sample` captured once as a CUDA graph and replayed: one launch per call instead of the
+    step loop's thousands, for a fixed model, batch size and sampler settings.
+
+        sampler = enat.GraphedSampler(model, batch=32, autocast=torch.float16)  # warms up, captures
+        ids = sampler(labels, seed=0)  # (B, L), the ids of enat.sample(model, labels, generator=
+                                       # torch.Generator("cuda").manual_seed(0)) under that autocast
+
+    The graph reads the model's parameters in place (update them with copy_, not by assignment) and
+    draws from its own generator, seeded per call. autocast=None runs in the model's dtype; a float16
+    or bfloat16 dtype captures under torch.autocast (construct the sampler outside autocast).
+    Settings as in `sample`."""
+
+    def __init__(self, model, batch, *, steps=8, cfg_scale=2.5, mask_temp=1.5, samp_temp=6.0, reuse=True,
+                 autocast=None):
+        device = model.x_embedder.word_embeddings.weight.device
+        if device.type != "cuda":
+            raise ValueError(f"GraphedSampler captures a CUDA graph: model must be on a CUDA device, got {device}")
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive int, got {batch!r}")
+        if autocast not in (None, torch.float16, torch.bfloat16):
+            raise ValueError(f"autocast must be None, torch.float16 or torch.bfloat16, got {autocast!r}")
+        if torch.is_autocast_enabled("cuda"):
+            raise ValueError("construct GraphedSampler outside torch.autocast and pass autocast=dtype instead "
+                             "(capture needs autocast's weight cache off)")
+        self.batch, self.autocast = batch, autocast
+        self.labels = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.generator = torch.Generator(device)
+        settings = dict(steps=steps, cfg_scale=cfg_scale, mask_temp=mask_temp, samp_temp=samp_temp, reuse=reuse)
+        _check(model, self.labels, steps, cfg_scale, mask_temp, samp_temp, self.generator)
+
+        def run():
+            with torch.autocast("cuda", autocast or torch.float16, enabled=autocast is not None, cache_enabled=False):
+                return sample(model, self.labels, generator=self.generator, **settings)
+
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # compile and autotune kernels, set up library workspaces
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        self.graph.register_generator_state(self.generator)
+        self.generator.manual_seed(0)
+        with torch.cuda.graph(self.graph):
+            self.ids = run()
+
+    def __call__(self, labels, seed=0):
+        """labels (batch,) int64 on the model's device; returns new token ids (batch, L)."""
+        if not isinstance(labels, torch.Tensor) or labels.shape != self.labels.shape or labels.dtype != torch.int64:
+            raise ValueError(f"labels must be a ({self.batch},) int64 tensor (the captured batch), got "
+                             f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}"
+                             f"{list(labels.shape) if isinstance(labels, torch.Tensor) else ''}")
+        if labels.device != self.labels.device:
+            raise ValueError(f"labels must be on {self.labels.device}, got {labels.device}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.labels.copy_(labels)
+        self.generator.manual_seed(seed)
+        self.graph.replay()
+        return self.ids.clone()

@@ -28,6 +28,7 @@ capped() {
 step "environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader || true
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
+echo "C++ compiler: ${CXX:-c++} ($(command -v "${CXX:-c++}")), $("${CXX:-c++}" --version | head -1)"
 
 step "build (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:=9.0})"
 export TORCH_CUDA_ARCH_LIST MAX_JOBS=${MAX_JOBS:-16}

@@ -118,3 +118,31 @@ def test_no_host_sync_in_the_step_loop():
         torch.cuda.set_sync_debug_mode("default")
     expected = enat.sample(model.cpu(), LABELS, steps=4, generator=_gen(0))
     assert (ids.cpu() == expected).float().mean() > 0.9  # GPU and CPU arithmetic differ by rounding
+
+
+def test_graphed_sampler_rejects_bad_input():
+    model = perturbed(ENAT, TINY, dtype=torch.float32)
+    with pytest.raises(ValueError, match="model must be on a CUDA device, got cpu"):
+        enat.GraphedSampler(model, batch=2)
+
+
+@needs_gpu
+def test_graphed_sampler_replays_sample():
+    """Replays give the ids of enat.sample with the same seed, for new labels and seeds each call,
+    in fp32 and under fp16 autocast."""
+    model = perturbed(ENAT, TINY, dtype=torch.float32).cuda()
+    for autocast in (None, torch.float16):
+        sampler = enat.GraphedSampler(model, batch=3, steps=4, autocast=autocast, **SETTINGS)
+        for labels, seed in ((LABELS, 0), (torch.tensor([5, 6, 1000]), 1), (LABELS, 7)):
+            labels = labels.cuda()
+            with torch.autocast("cuda", autocast or torch.float16, enabled=autocast is not None):
+                expected = enat.sample(model, labels, steps=4, generator=_gen(seed, "cuda"), **SETTINGS)
+            assert torch.equal(sampler(labels, seed=seed), expected)
+    with pytest.raises(ValueError, match=r"labels must be a \(3,\) int64 tensor"):
+        sampler(LABELS[:2].cuda())
+    with pytest.raises(ValueError, match="labels must be on cuda"):
+        sampler(LABELS)
+    with pytest.raises(ValueError, match="autocast must be None"):
+        enat.GraphedSampler(model, batch=3, autocast=torch.float32)
+    with torch.autocast("cuda", torch.float16), pytest.raises(ValueError, match="construct GraphedSampler outside"):
+        enat.GraphedSampler(model, batch=3)

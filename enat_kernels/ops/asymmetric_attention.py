@@ -35,11 +35,34 @@ def _segment_scores(q, keys, scale):
     return [torch.matmul(qa, k.to(acc).transpose(-1, -2)) * scale for k in keys]
 
 
+# PyTorch's fused CPU attention returns each segment's output and log-sum-exp without materialising
+# the scores; it fails on an empty query set, so those take the general path.
+_CPU_FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _cpu_fused_attention(q, segments, scale):
+    """Per-segment fused attention, combined by log-sum-exp: with l = logaddexp(l_ctx, l_self),
+    out = o_self + exp(l_ctx - l) (o_ctx - o_self)."""
+    parts = [_CPU_FUSED(q, k, v, scale=scale) for k, v in segments]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)  # contiguous, as the fake kernel says
+    lse = q.new_empty(q.shape[:3])
+    if len(parts) == 1:
+        return out.copy_(parts[0][0]), lse.copy_(parts[0][1])
+    (o_ctx, l_ctx), (o_self, l_self) = parts
+    torch.logaddexp(l_ctx, l_self, out=lse)
+    return torch.lerp(o_self, o_ctx, (l_ctx - lse).exp_().unsqueeze(-1), out=out), lse
+
+
 def asymmetric_attention_reference(q, k_ctx, v_ctx, k_self, v_self, scale):
     """Returns out (B, H, Lq, D) in q's dtype and lse (B, H, Lq) in the accumulator dtype.
 
     Each non-empty segment contributes exp(scores - row max) to one denominator and its p @ v to
-    one numerator; the segments are never joined."""
+    one numerator; the segments are never joined. fp32 and fp64 CPU tensors run each segment through
+    PyTorch's fused CPU attention and combine the two by their log-sum-exp."""
+    if (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and q.numel()
+            and _CPU_FUSED is not None):
+        segments = [(k, v) for k, v in ((k_ctx, v_ctx), (k_self, v_self)) if k.shape[2]]
+        return _cpu_fused_attention(q, segments, scale)
     acc = _accumulator_dtype(q.dtype)
     qa = q.to(acc) * scale
     segments = [(k.to(acc), v.to(acc)) for k, v in ((k_ctx, v_ctx), (k_self, v_self)) if k.shape[2]]
