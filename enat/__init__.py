@@ -15,5 +15,5 @@ from .model import ENAT, ENATOutput, PlainNAT
 from .sampler import GraphedSampler, sample
 from .schedule import mask_schedule
 
-__all__ = ["ENAT", "ENATConfig", "ENATOutput", "GraphedSampler", "PlainNAT", "config", "flops", "load_official", "mask_schedule",
-           "sample", "MASK_ID", "NULL_CLASS"]
+__all__ = ["ENAT", "ENATConfig", "ENATOutput", "GraphedSampler", "PlainNAT", "config", "flops", "load_official",
+           "mask_schedule", "sample", "MASK_ID", "NULL_CLASS"]

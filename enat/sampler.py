@@ -109,7 +109,7 @@ class GraphedSampler:
         if torch.is_autocast_enabled("cuda"):
             raise ValueError("construct GraphedSampler outside torch.autocast and pass autocast=dtype instead "
                              "(capture needs autocast's weight cache off)")
-        self.batch, self.autocast = batch, autocast
+        self.batch = batch
         self.labels = torch.zeros(batch, dtype=torch.int64, device=device)
         self.generator = torch.Generator(device)
         settings = dict(steps=steps, cfg_scale=cfg_scale, mask_temp=mask_temp, samp_temp=samp_temp, reuse=reuse)

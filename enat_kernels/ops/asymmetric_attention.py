@@ -36,7 +36,7 @@ def _segment_scores(q, keys, scale):
 
 
 # PyTorch's fused CPU attention returns each segment's output and log-sum-exp without materialising
-# the scores; it fails on an empty query set, so those take the general path.
+# the scores; an empty query set takes the general path (that kernel divides by zero on it).
 _CPU_FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
@@ -59,13 +59,13 @@ def asymmetric_attention_reference(q, k_ctx, v_ctx, k_self, v_self, scale):
     Each non-empty segment contributes exp(scores - row max) to one denominator and its p @ v to
     one numerator; the segments are never joined. fp32 and fp64 CPU tensors run each segment through
     PyTorch's fused CPU attention and combine the two by their log-sum-exp."""
+    segments = [(k, v) for k, v in ((k_ctx, v_ctx), (k_self, v_self)) if k.shape[2]]
     if (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and q.numel()
             and _CPU_FUSED is not None):
-        segments = [(k, v) for k, v in ((k_ctx, v_ctx), (k_self, v_self)) if k.shape[2]]
         return _cpu_fused_attention(q, segments, scale)
     acc = _accumulator_dtype(q.dtype)
     qa = q.to(acc) * scale
-    segments = [(k.to(acc), v.to(acc)) for k, v in ((k_ctx, v_ctx), (k_self, v_self)) if k.shape[2]]
+    segments = [(k.to(acc), v.to(acc)) for k, v in segments]
     scores = [torch.matmul(qa, k.transpose(-1, -2)) for k, _ in segments]
     m = scores[0].amax(dim=-1, keepdim=True)
     if len(scores) == 2:
