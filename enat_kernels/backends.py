@@ -8,11 +8,14 @@ ENAT_KERNELS_BACKEND environment variable, forces one; a forced backend that can
 `BackendUnavailableError` listing the reasons.
 
 The choice depends only on devices, dtypes, shapes and strides, never on tensor values, so it is
-made once at trace time under torch.compile.
+made once at trace time under torch.compile; eagerly, each kernel's answer is cached per signature
+(`signature`), so a call with the shapes and layouts of an earlier one costs a dictionary lookup.
 """
 
 import os
 from typing import Callable, NamedTuple, Optional
+
+import torch
 
 from . import _library, triton_utils
 
@@ -51,6 +54,22 @@ def _device_reasons(backend, device, forced):
     return []
 
 
+CACHE_LIMIT = 4096  # cached answers per dispatcher; a full cache starts over
+
+
+def signature(*args):
+    """A hashable summary of what backend choice and input validation depend on: each tensor's type,
+    dtype, shape, strides and device, other arguments with their types. None when it cannot be hashed
+    (symbolic shapes while torch.compile traces)."""
+    key = tuple((torch.Tensor, a.dtype, a.shape, a.stride(), a.device) if isinstance(a, torch.Tensor)
+                else (type(a), a) for a in args)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
 class Impl(NamedTuple):
     run: Callable
     why_not: Optional[Callable]  # (*args) -> list of reasons this backend cannot serve the inputs
@@ -63,6 +82,7 @@ class Dispatcher:
         self.op = op
         self.order = order
         self.impls = {}
+        self._cache = {}  # (backend, signature) -> the kernel's reasons
 
     def register(self, backend, run, why_not=None):
         if backend not in BACKENDS:
@@ -76,7 +96,20 @@ class Dispatcher:
             return [f"enat_kernels has no {backend} kernel for {self.op}"]
         reasons = _device_reasons(backend, device, forced)
         if impl.why_not is not None:
-            reasons += impl.why_not(*args)
+            reasons = reasons + self._kernel_reasons(backend, impl.why_not, args)
+        return reasons
+
+    def _kernel_reasons(self, backend, why_not, args):
+        """why_not(*args), cached by the arguments' signature (the kernel's own limits)."""
+        sig = signature(*args)
+        if sig is None:
+            return why_not(*args)
+        key = (backend, sig)
+        reasons = self._cache.get(key)
+        if reasons is None:
+            if len(self._cache) >= CACHE_LIMIT:
+                self._cache.clear()
+            reasons = self._cache[key] = why_not(*args)
         return reasons
 
     def _serves(self, backend, device, args):
@@ -84,7 +117,7 @@ class Dispatcher:
         impl = self.impls.get(backend)
         if impl is None or _device_reasons(backend, device, False):
             return False
-        return impl.why_not is None or not impl.why_not(*args)
+        return impl.why_not is None or not self._kernel_reasons(backend, impl.why_not, args)
 
     def select(self, backend, device, *args, preferred=None):
         """The backend to run: the forced one, else `preferred` (the backend of the forward, for a

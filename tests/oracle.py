@@ -1,4 +1,4 @@
-"""An independent fp64 oracle for the enat:: ops, written from /work/shared/spec/OPS.md.
+"""An independent fp64 oracle for the enat:: ops, written from the op contract (OPS.md).
 
 Deliberately not the package's reference code: attention concatenates K and V and uses
 torch.softmax in float64; token movement uses per-row Python loops, boolean indexing and sorted().
@@ -34,6 +34,38 @@ def attention_same_dtype(q, k_ctx, v_ctx, k_self, v_self, scale=None):
     v = torch.cat([v_ctx, v_self], dim=2)
     scores = (q @ k.transpose(-1, -2)) * scale
     return torch.softmax(scores, dim=-1) @ v
+
+
+def attention_error_scales(q, k_ctx, v_ctx, k_self, v_self, grad_out=None, scale=None):
+    """The magnitude of the terms each attention result is summed from, in float64: the scale that
+    rounding errors are relative to, even where the terms cancel. With P = softmax(S), S = q k^T * scale:
+
+        out ~ P |v|,  lse ~ max |scale| |q| |k|^T,  dv ~ P^T |dO|,
+        dS ~ P (|dO| |v|^T + rowsum(|dO| |out|)),  dq ~ |scale| dS |k|,  dk ~ |scale| dS^T |q|.
+
+    Returns {name: largest magnitude} for "out" and "lse", and with grad_out also "q", "k_ctx",
+    "v_ctx", "k_self", "v_self" (their gradients)."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    q, k_ctx, v_ctx, k_self, v_self = (t.detach().double() for t in (q, k_ctx, v_ctx, k_self, v_self))
+    k = torch.cat([k_ctx, k_self], dim=2)
+    v = torch.cat([v_ctx, v_self], dim=2)
+    p = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
+    out = p @ v
+
+    def biggest(t):
+        return t.abs().max().item() if t.numel() else 0.0
+
+    scales = {"out": biggest(p @ v.abs()), "lse": biggest(abs(scale) * q.abs() @ k.abs().transpose(-1, -2))}
+    if grad_out is not None:
+        do = grad_out.detach().double().abs()
+        ds = p * (do @ v.abs().transpose(-1, -2) + (do * out.abs()).sum(-1, keepdim=True))
+        dk = abs(scale) * ds.transpose(-1, -2) @ q.abs()
+        dv = p.transpose(-1, -2) @ do
+        Lc = k_ctx.shape[2]
+        scales.update(q=biggest(abs(scale) * ds @ k.abs()), k_ctx=biggest(dk[:, :, :Lc]), v_ctx=biggest(dv[:, :, :Lc]),
+                      k_self=biggest(dk[:, :, Lc:]), v_self=biggest(dv[:, :, Lc:]))
+    return scales
 
 
 # Token movement (exact; every function returns a fresh tensor in the input dtype).

@@ -10,13 +10,15 @@ scores to one log-sum-exp and its values to one output.
 
 import math
 import numbers
+import os
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import triton_utils
+from .. import _library
 from .._library import register_cuda_fake, register_router
-from ..backends import Dispatcher
+from ..backends import CACHE_LIMIT, ENV_BACKEND, Dispatcher, signature
 from . import _checks
 
 triton, tl = triton_utils.triton, triton_utils.tl
@@ -100,15 +102,22 @@ def asymmetric_attention_backward_reference(grad_out, q, k_ctx, v_ctx, k_self, v
     return (dq.to(q.dtype), *grads)
 
 
-# Triton: flash-style tiling, one online softmax over the context tiles then the self tiles, fp32
-# accumulation, exp2 with log2(e) folded into the scale. The head dim is padded to a power of two
-# >= 16 with masked loads. Offsets of batch, head and row are 64-bit. The backward recomputes the
-# probabilities from lse: one kernel for delta = rowsum(dO * O), one launch per key segment for
-# dK/dV (looping over query tiles), one for dQ (looping over both key segments); no atomics, so
-# results are deterministic.
+# Triton. Every kernel walks the joined key range [0, Lc + Ls) ("virtual concatenation"): row n of a
+# K/V tile comes from the context segment when n < Lc and from the self segment at row n - Lc
+# otherwise, each through its own strides, so one tile may straddle the boundary while the segments
+# are never joined in memory. Full tiles load without row masks; only the last, partial tile is
+# masked. The head dim is padded to a power of two >= 16 (masked columns unless D is one). Offsets of
+# batch, head and row are 64-bit; accumulation is fp32.
+# Forward: one online softmax in the log2 domain, the scores scaled and shifted by one multiply-add
+# s * (scale log2 e) - m. Backward: one launch, no atomics (deterministic). For Lq <= SMALL_LQ one
+# program per (batch, head) holds every query with its delta = rowsum(dO * O) and dQ, and finishes
+# dK/dV of each key tile as it passes; longer query ranges run one program per tile index j that
+# computes dK/dV of key tile j (delta recomputed per query tile from O and dO) and dQ of query tile j.
+# Autotuning is keyed on the dtype, the head dim and the power-of-two buckets of Lq and Lc + Ls.
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_D = 128
+SMALL_LQ = 128
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -119,48 +128,96 @@ if triton is not None:
         return (bh // H).to(tl.int64), (bh % H).to(tl.int64)
 
     @triton.jit
-    def _tile(head_ptr, rows, stride_l, offs_d, mask):
-        """The [len(rows), BLOCK_D] tile of one (batch, head)'s (L, D) matrix, zero where masked."""
-        return tl.load(head_ptr + rows[:, None].to(tl.int64) * stride_l + offs_d[None, :], mask=mask, other=0.0)
+    def _rows(base, rows, stride_l):
+        """[len(rows), 1] pointers to the first element of each row of one (batch, head)'s (L, D) matrix."""
+        return base + rows[:, None].to(tl.int64) * stride_l
 
     @triton.jit
-    def _fwd_segment(acc, m_i, l_i, q, k_ptr, v_ptr, length, stride_kl, stride_vl, offs_d, d_ok, qk_scale,
-                     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-        """Fold one key segment into the running (acc, row max m_i, row sum l_i), log2 domain."""
-        for start in range(0, length, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            n_ok = n < length
-            kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = _tile(k_ptr, n, stride_kl, offs_d, kv_mask)
-            v = _tile(v_ptr, n, stride_vl, offs_d, kv_mask)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            s = tl.where(n_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
-        return acc, m_i, l_i
+    def _joined_rows(ctx_base, ctx_stride, self_base, self_stride, n, Lc):
+        """Row pointers of rows n of the joined [context ; self] range."""
+        n64 = n[:, None].to(tl.int64)
+        return tl.where(n64 < Lc, ctx_base + n64 * ctx_stride, self_base + (n64 - Lc) * self_stride)
 
-    @triton.autotune(
-        configs=triton_utils.autotune_configs(
-            [
-                triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-                triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-                triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-                triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-            ]
-        ),
-        key=["BLOCK_D", "PRECISION"],
-    )
+    @triton.jit
+    def _load(row_ptrs, offs_d, row_ok, D, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+        """A [rows, BLOCK_D] tile, zero where a row or column is out of range; unmasked when neither can be."""
+        if MASK_ROWS:
+            if EVEN_D:
+                return tl.load(row_ptrs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            return tl.load(row_ptrs + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        if EVEN_D:
+            return tl.load(row_ptrs + offs_d[None, :])
+        return tl.load(row_ptrs + offs_d[None, :], mask=offs_d[None, :] < D, other=0.0)
+
+    @triton.jit
+    def _store(row_ptrs, offs_d, row_ok, D, value, EVEN_D: tl.constexpr):
+        if EVEN_D:
+            tl.store(row_ptrs + offs_d[None, :], value.to(row_ptrs.dtype.element_ty), mask=row_ok[:, None])
+        else:
+            tl.store(row_ptrs + offs_d[None, :], value.to(row_ptrs.dtype.element_ty),
+                     mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+    @triton.jit
+    def _fwd_tile(acc, m_i, l_i, q, kc, vc, ks, vs, skc_l, svc_l, sks_l, svs_l, start, Lc, Lk, D, qk_scale,
+                  offs_d, BLOCK_N: tl.constexpr, LAST: tl.constexpr, EVEN_D: tl.constexpr,
+                  NEG_SCALE: tl.constexpr, PRECISION: tl.constexpr):
+        """Fold keys [start, start + BLOCK_N) of the joined range into (acc, row max m_i, row sum l_i)."""
+        n = start + tl.arange(0, BLOCK_N)
+        n_ok = n < Lk
+        k = _load(_joined_rows(kc, skc_l, ks, sks_l, n, Lc), offs_d, n_ok, D, LAST, EVEN_D)
+        v = _load(_joined_rows(vc, svc_l, vs, svs_l, n, Lc), offs_d, n_ok, D, LAST, EVEN_D)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if LAST:
+            s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+        else:
+            # The row maximum of s * qk_scale from the raw scores (the minimum for a negative scale), so
+            # that the scaling and the shift are one multiply-add per score.
+            if NEG_SCALE:
+                m_new = tl.maximum(m_i, tl.min(s, 1) * qk_scale)
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            p = tl.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return acc, m_new, l_i
+
+    def _prune_by_lq(configs, named_args, **kwargs):
+        """Drop query tiles larger than the query range needs (keep the smallest if none fit)."""
+        fit = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, named_args["LQ_KEY"])]
+        return fit or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+
+    def _prune_by_lk(configs, named_args, **kwargs):
+        """Drop key tiles larger than the key range needs (keep the smallest if none fit)."""
+        fit = [c for c in configs if c.kwargs["BLOCK_N"] <= max(16, named_args["LK_KEY"])]
+        return fit or [min(configs, key=lambda c: c.kwargs["BLOCK_N"])]
+
+    # Hopper and Ampere: 64- and 128-row query tiles as in FlashAttention-2 and Triton's fused-attention
+    # tutorial, smaller ones for the short query ranges of the reuse encoder.
+    FORWARD_CONFIGS = [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    ]
+
+    @triton.autotune(configs=triton_utils.autotune_configs(FORWARD_CONFIGS),
+                     key=["LQ_KEY", "LK_KEY", "BLOCK_D", "EVEN_D", "PRECISION"],
+                     prune_configs_by={"early_config_prune": _prune_by_lq})
     @triton.jit
     def _attention_fwd_kernel(
         q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, out_ptr, lse_ptr,
-        H, Lq, Lc, Ls, D, qk_scale,
+        H, Lq, Lc, Ls, D, qk_scale, LQ_KEY, LK_KEY,
         sq_b, sq_h, sq_l, skc_b, skc_h, skc_l, svc_b, svc_h, svc_l,
         sks_b, sks_h, sks_l, svs_b, svs_h, svs_l, so_b, so_h, so_l,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+        NEG_SCALE: tl.constexpr, PRECISION: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -168,206 +225,270 @@ if triton is not None:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         m_ok = offs_m < Lq
-        d_ok = offs_d < D
-        rows = offs_m[:, None].to(tl.int64)
-        q = _tile(q_ptr + b * sq_b + h * sq_h, offs_m, sq_l, offs_d, m_ok[:, None] & d_ok[None, :])
+        q = _load(_rows(q_ptr + b * sq_b + h * sq_h, offs_m, sq_l), offs_d, m_ok, D, True, EVEN_D)
+        kc = kc_ptr + b * skc_b + h * skc_h
+        vc = vc_ptr + b * svc_b + h * svc_h
+        ks = ks_ptr + b * sks_b + h * sks_h
+        vs = vs_ptr + b * svs_b + h * svs_h
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, kc_ptr + b * skc_b + h * skc_h, vc_ptr + b * svc_b + h * svc_h,
-                                     Lc, skc_l, svc_l, offs_d, d_ok, qk_scale, BLOCK_N, PRECISION)
-        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, ks_ptr + b * sks_b + h * sks_h, vs_ptr + b * svs_b + h * svs_h,
-                                     Ls, sks_l, svs_l, offs_d, d_ok, qk_scale, BLOCK_N, PRECISION)
-        out = acc / l_i[:, None]
-        tl.store(out_ptr + b * so_b + h * so_h + rows * so_l + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & d_ok[None, :])
+        Lk = Lc + Ls
+        full = Lk - Lk % BLOCK_N
+        for start in range(0, full, BLOCK_N):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kc, vc, ks, vs, skc_l, svc_l, sks_l, svs_l, start, Lc, Lk, D,
+                                      qk_scale, offs_d, BLOCK_N, False, EVEN_D, NEG_SCALE, PRECISION)
+        if full < Lk:
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kc, vc, ks, vs, skc_l, svc_l, sks_l, svs_l, full, Lc, Lk, D,
+                                      qk_scale, offs_d, BLOCK_N, True, EVEN_D, NEG_SCALE, PRECISION)
+        out = acc * (1.0 / l_i)[:, None]
+        _store(_rows(out_ptr + b * so_b + h * so_h, offs_m, so_l), offs_d, m_ok, D, out, EVEN_D)
         tl.store(lse_ptr + bh.to(tl.int64) * Lq + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_ok)
 
     @triton.jit
-    def _bwd_delta_kernel(out_ptr, do_ptr, delta_ptr, H, Lq, D, so_b, so_h, so_l, sdo_b, sdo_h, sdo_l,
-                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        """delta = rowsum(dO * O), the softmax-backward correction, (B, H, Lq) fp32."""
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b, h = _batch_head(bh, H)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        m_ok = offs_m < Lq
-        mask = m_ok[:, None] & (offs_d[None, :] < D)
-        o = _tile(out_ptr + b * so_b + h * so_h, offs_m, so_l, offs_d, mask)
-        do = _tile(do_ptr + b * sdo_b + h * sdo_h, offs_m, sdo_l, offs_d, mask)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        tl.store(delta_ptr + bh.to(tl.int64) * Lq + offs_m, delta, mask=m_ok)
+    def _bwd_key_tile(q, do, lse2, delta, kc, vc, ks, vs, dkc, dvc, dks, dvs,
+                      skc_l, svc_l, sks_l, svs_l, sdkc_l, sdvc_l, sdks_l, sdvs_l, start, Lc, Lk, D, qk_scale, scale,
+                      offs_d, BLOCK_N: tl.constexpr, LAST: tl.constexpr, EVEN_D: tl.constexpr,
+                      PRECISION: tl.constexpr):
+        """Key tile [start, start + BLOCK_N) against every query (held in registers): stores its dK
+        and dV and returns its dS @ K share of dQ (unscaled)."""
+        n = start + tl.arange(0, BLOCK_N)
+        n_ok = n < Lk
+        k = _load(_joined_rows(kc, skc_l, ks, sks_l, n, Lc), offs_d, n_ok, D, LAST, EVEN_D)
+        v = _load(_joined_rows(vc, svc_l, vs, svs_l, n, Lc), offs_d, n_ok, D, LAST, EVEN_D)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        # Query rows past Lq hold q = dO = delta = 0 and contribute nothing; key columns past Lk (last
+        # tile only) are zeroed, since exp2(-lse2) may overflow there.
+        p = tl.exp2(s * qk_scale - lse2[:, None])
+        if LAST:
+            p = tl.where(n_ok[None, :], p, 0.0)
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        dk = tl.dot(tl.trans(ds), q, input_precision=PRECISION) * scale
+        _store(_joined_rows(dkc, sdkc_l, dks, sdks_l, n, Lc), offs_d, n_ok, D, dk, EVEN_D)
+        _store(_joined_rows(dvc, sdvc_l, dvs, sdvs_l, n, Lc), offs_d, n_ok, D, dv, EVEN_D)
+        return tl.dot(ds, k, input_precision=PRECISION)
+
+    # The query tile of the one-tile backward is Lq rounded up to a power of two (set by the launcher).
+    BACKWARD_SHORT_CONFIGS = [
+        triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=2),
+    ]
 
     @triton.autotune(
-        configs=triton_utils.autotune_configs(
-            [
-                triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-                triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-                triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-                triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=2),
-            ]
-        ),
-        key=["BLOCK_D", "PRECISION"],
+        configs=triton_utils.autotune_configs(BACKWARD_SHORT_CONFIGS),
+        key=["LK_KEY", "BLOCK_M", "BLOCK_D", "EVEN_D", "PRECISION"],
+        prune_configs_by={"early_config_prune": _prune_by_lk},
     )
     @triton.jit
-    def _bwd_dkdv_kernel(
-        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-        H, Lq, Lk, D, qk_scale, scale,
-        sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sdo_b, sdo_h, sdo_l,
-        sdk_b, sdk_h, sdk_l, sdv_b, sdv_h, sdv_l,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    def _attention_bwd_short_kernel(
+        q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, out_ptr, do_ptr, lse_ptr,
+        dq_ptr, dkc_ptr, dvc_ptr, dks_ptr, dvs_ptr,
+        H, Lq, Lc, Ls, D, qk_scale, scale, LK_KEY,
+        sq_b, sq_h, sq_l, skc_b, skc_h, skc_l, svc_b, svc_h, svc_l, sks_b, sks_h, sks_l, svs_b, svs_h, svs_l,
+        so_b, so_h, so_l, sdo_b, sdo_h, sdo_l, sdq_b, sdq_h, sdq_l, sdkc_b, sdkc_h, sdkc_l,
+        sdvc_b, sdvc_h, sdvc_l, sdks_b, sdks_h, sdks_l, sdvs_b, sdvs_h, sdvs_l,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
-        """dK, dV of one key segment: a tile of keys against every query tile."""
-        pid_n = tl.program_id(0)
+        """All gradients of one (batch, head) whose Lq <= BLOCK_M queries fit in one tile."""
+        bh = tl.program_id(0)
+        b, h = _batch_head(bh, H)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < Lq
+        q = _load(_rows(q_ptr + b * sq_b + h * sq_h, offs_m, sq_l), offs_d, m_ok, D, True, EVEN_D)
+        do = _load(_rows(do_ptr + b * sdo_b + h * sdo_h, offs_m, sdo_l), offs_d, m_ok, D, True, EVEN_D)
+        o = _load(_rows(out_ptr + b * so_b + h * so_h, offs_m, so_l), offs_d, m_ok, D, True, EVEN_D)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        lse2 = tl.load(lse_ptr + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+        kc = kc_ptr + b * skc_b + h * skc_h
+        vc = vc_ptr + b * svc_b + h * svc_h
+        ks = ks_ptr + b * sks_b + h * sks_h
+        vs = vs_ptr + b * svs_b + h * svs_h
+        dkc = dkc_ptr + b * sdkc_b + h * sdkc_h
+        dvc = dvc_ptr + b * sdvc_b + h * sdvc_h
+        dks = dks_ptr + b * sdks_b + h * sdks_h
+        dvs = dvs_ptr + b * sdvs_b + h * sdvs_h
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        Lk = Lc + Ls
+        full = Lk - Lk % BLOCK_N
+        for start in range(0, full, BLOCK_N):
+            dq += _bwd_key_tile(q, do, lse2, delta, kc, vc, ks, vs, dkc, dvc, dks, dvs,
+                                skc_l, svc_l, sks_l, svs_l, sdkc_l, sdvc_l, sdks_l, sdvs_l, start, Lc, Lk, D,
+                                qk_scale, scale, offs_d, BLOCK_N, False, EVEN_D, PRECISION)
+        if full < Lk:
+            dq += _bwd_key_tile(q, do, lse2, delta, kc, vc, ks, vs, dkc, dvc, dks, dvs,
+                                skc_l, svc_l, sks_l, svs_l, sdkc_l, sdvc_l, sdks_l, sdvs_l, full, Lc, Lk, D,
+                                qk_scale, scale, offs_d, BLOCK_N, True, EVEN_D, PRECISION)
+        _store(_rows(dq_ptr + b * sdq_b + h * sdq_h, offs_m, sdq_l), offs_d, m_ok, D, dq * scale, EVEN_D)
+
+    @triton.jit
+    def _bwd_query_tile(q_base, do_base, o_base, lse_row, sq_l, sdo_l, so_l, offs_m, offs_d, Lq, D,
+                        EVEN_D: tl.constexpr):
+        """q, dO, log2-domain lse and delta = rowsum(dO * O) of the query rows offs_m."""
+        m_ok = offs_m < Lq
+        q = _load(_rows(q_base, offs_m, sq_l), offs_d, m_ok, D, True, EVEN_D)
+        do = _load(_rows(do_base, offs_m, sdo_l), offs_d, m_ok, D, True, EVEN_D)
+        o = _load(_rows(o_base, offs_m, so_l), offs_d, m_ok, D, True, EVEN_D)
+        lse2 = tl.load(lse_row + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+        return q, do, lse2, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), m_ok
+
+    BACKWARD_CONFIGS = [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    ]
+
+    @triton.autotune(
+        configs=triton_utils.autotune_configs(BACKWARD_CONFIGS),
+        key=["LQ_KEY", "LK_KEY", "BLOCK_D", "EVEN_D", "PRECISION"],
+    )
+    @triton.jit
+    def _attention_bwd_kernel(
+        q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, out_ptr, do_ptr, lse_ptr,
+        dq_ptr, dkc_ptr, dvc_ptr, dks_ptr, dvs_ptr,
+        H, Lq, Lc, Ls, D, qk_scale, scale, LQ_KEY, LK_KEY,
+        sq_b, sq_h, sq_l, skc_b, skc_h, skc_l, svc_b, svc_h, svc_l, sks_b, sks_h, sks_l, svs_b, svs_h, svs_l,
+        so_b, so_h, so_l, sdo_b, sdo_h, sdo_l, sdq_b, sdq_h, sdq_l, sdkc_b, sdkc_h, sdkc_l,
+        sdvc_b, sdvc_h, sdvc_l, sdks_b, sdks_h, sdks_l, sdvs_b, sdvs_h, sdvs_l,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        """Program (j, bh): dK and dV of key tile j over every query tile, and dQ of query tile j
+        over every key tile (either part is skipped when tile j is past its range)."""
+        j = tl.program_id(0)
         bh = tl.program_id(1)
         b, h = _batch_head(bh, H)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        n_ok = offs_n < Lk
-        d_ok = offs_d < D
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        keys = offs_n[:, None].to(tl.int64)
-        k = _tile(k_ptr + b * sk_b + h * sk_h, offs_n, sk_l, offs_d, kv_mask)
-        v = _tile(v_ptr + b * sv_b + h * sv_h, offs_n, sv_l, offs_d, kv_mask)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         q_base = q_ptr + b * sq_b + h * sq_h
         do_base = do_ptr + b * sdo_b + h * sdo_h
-        stats = bh.to(tl.int64) * Lq
-        for start in range(0, Lq, BLOCK_M):
-            offs_m = start + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < Lq
-            q_mask = m_ok[:, None] & d_ok[None, :]
-            q = _tile(q_base, offs_m, sq_l, offs_d, q_mask)
-            do = _tile(do_base, offs_m, sdo_l, offs_d, q_mask)
-            lse2 = tl.load(lse_ptr + stats + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
-            delta = tl.load(delta_ptr + stats + offs_m, mask=m_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            p = tl.where(m_ok[:, None] & n_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-        dk = dk * scale
-        tl.store(dk_ptr + b * sdk_b + h * sdk_h + keys * sdk_l + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
-                 mask=kv_mask)
-        tl.store(dv_ptr + b * sdv_b + h * sdv_h + keys * sdv_l + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty),
-                 mask=kv_mask)
+        o_base = out_ptr + b * so_b + h * so_h
+        lse_row = lse_ptr + bh.to(tl.int64) * Lq
+        kc = kc_ptr + b * skc_b + h * skc_h
+        vc = vc_ptr + b * svc_b + h * svc_h
+        ks = ks_ptr + b * sks_b + h * sks_h
+        vs = vs_ptr + b * svs_b + h * svs_h
+        Lk = Lc + Ls
+        if j * BLOCK_N < Lk:
+            n = j * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = n < Lk
+            k = _load(_joined_rows(kc, skc_l, ks, sks_l, n, Lc), offs_d, n_ok, D, True, EVEN_D)
+            v = _load(_joined_rows(vc, svc_l, vs, svs_l, n, Lc), offs_d, n_ok, D, True, EVEN_D)
+            dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+            dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+            for start in range(0, Lq, BLOCK_M):
+                q, do, lse2, delta, m_ok = _bwd_query_tile(q_base, do_base, o_base, lse_row, sq_l, sdo_l, so_l,
+                                                           start + tl.arange(0, BLOCK_M), offs_d, Lq, D, EVEN_D)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+                p = tl.where(m_ok[:, None] & n_ok[None, :], tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                ds = (p * (dp - delta[:, None])).to(q.dtype)
+                dk += tl.dot(tl.trans(ds), q, input_precision=PRECISION)
+            dkc = dkc_ptr + b * sdkc_b + h * sdkc_h
+            dvc = dvc_ptr + b * sdvc_b + h * sdvc_h
+            dks = dks_ptr + b * sdks_b + h * sdks_h
+            dvs = dvs_ptr + b * sdvs_b + h * sdvs_h
+            _store(_joined_rows(dkc, sdkc_l, dks, sdks_l, n, Lc), offs_d, n_ok, D, dk * scale, EVEN_D)
+            _store(_joined_rows(dvc, sdvc_l, dvs, sdvs_l, n, Lc), offs_d, n_ok, D, dv, EVEN_D)
+        if j * BLOCK_M < Lq:
+            offs_m = j * BLOCK_M + tl.arange(0, BLOCK_M)
+            q, do, lse2, delta, m_ok = _bwd_query_tile(q_base, do_base, o_base, lse_row, sq_l, sdo_l, so_l,
+                                                       offs_m, offs_d, Lq, D, EVEN_D)
+            dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            for start in range(0, Lk, BLOCK_N):
+                n = start + tl.arange(0, BLOCK_N)
+                n_ok = n < Lk
+                k = _load(_joined_rows(kc, skc_l, ks, sks_l, n, Lc), offs_d, n_ok, D, True, EVEN_D)
+                v = _load(_joined_rows(vc, svc_l, vs, svs_l, n, Lc), offs_d, n_ok, D, True, EVEN_D)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+                p = tl.where(n_ok[None, :], tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                ds = (p * (dp - delta[:, None])).to(k.dtype)
+                dq += tl.dot(ds, k, input_precision=PRECISION)
+            _store(_rows(dq_ptr + b * sdq_b + h * sdq_h, offs_m, sdq_l), offs_d, m_ok, D, dq * scale, EVEN_D)
 
-    @triton.jit
-    def _bwd_dq_segment(dq, q, do, lse2, delta, k_ptr, v_ptr, length, stride_kl, stride_vl, offs_d, d_ok, qk_scale,
-                        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-        for start in range(0, length, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            n_ok = n < length
-            kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = _tile(k_ptr, n, stride_kl, offs_d, kv_mask)
-            v = _tile(v_ptr, n, stride_vl, offs_d, kv_mask)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            p = tl.where(n_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        return dq
 
-    @triton.autotune(
-        configs=triton_utils.autotune_configs(
-            [
-                triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-                triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-                triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-            ]
-        ),
-        key=["BLOCK_D", "PRECISION"],
-    )
-    @triton.jit
-    def _bwd_dq_kernel(
-        q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-        H, Lq, Lc, Ls, D, qk_scale, scale,
-        sq_b, sq_h, sq_l, skc_b, skc_h, skc_l, svc_b, svc_h, svc_l,
-        sks_b, sks_h, sks_l, svs_b, svs_h, svs_l, sdo_b, sdo_h, sdo_l, sdq_b, sdq_h, sdq_l,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    ):
-        """dQ of a tile of queries, over both key segments."""
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b, h = _batch_head(bh, H)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        m_ok = offs_m < Lq
-        d_ok = offs_d < D
-        q_mask = m_ok[:, None] & d_ok[None, :]
-        rows = offs_m[:, None].to(tl.int64)
-        q = _tile(q_ptr + b * sq_b + h * sq_h, offs_m, sq_l, offs_d, q_mask)
-        do = _tile(do_ptr + b * sdo_b + h * sdo_h, offs_m, sdo_l, offs_d, q_mask)
-        stats = bh.to(tl.int64) * Lq
-        lse2 = tl.load(lse_ptr + stats + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(delta_ptr + stats + offs_m, mask=m_ok, other=0.0)
-        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        dq = _bwd_dq_segment(dq, q, do, lse2, delta, kc_ptr + b * skc_b + h * skc_h, vc_ptr + b * svc_b + h * svc_h,
-                             Lc, skc_l, svc_l, offs_d, d_ok, qk_scale, BLOCK_N, PRECISION)
-        dq = _bwd_dq_segment(dq, q, do, lse2, delta, ks_ptr + b * sks_b + h * sks_h, vs_ptr + b * svs_b + h * svs_h,
-                             Ls, sks_l, svs_l, offs_d, d_ok, qk_scale, BLOCK_N, PRECISION)
-        dq = dq * scale
-        tl.store(dq_ptr + b * sdq_b + h * sdq_h + rows * sdq_l + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
-                 mask=q_mask)
+def _bucket(n):
+    """Power-of-two bucket of a sequence length, for autotuning keys (1024 and up share one)."""
+    return min(triton.next_power_of_2(max(int(n), 1)), 1024)
 
 
 def _triton_meta(q):
     """Padded head dim and dot precision: exact fp32 products for fp32 inputs (no TF32)."""
-    return dict(BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])),
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    D = q.shape[-1]
+    block_d = max(16, triton.next_power_of_2(D))
+    return dict(BLOCK_D=block_d, EVEN_D=block_d == D, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
 def _bhl_strides(*tensors):
     return [s for t in tensors for s in t.stride()[:3]]
 
 
-def asymmetric_attention_triton(q, k_ctx, v_ctx, k_self, v_self, scale):
+def asymmetric_attention_triton(q, k_ctx, v_ctx, k_self, v_self, scale, *, config=None):
+    """Forward on the Triton kernel; `config` (a triton.Config) bypasses autotuning (tests use it to run
+    every configuration)."""
     B, H, Lq, D = q.shape
+    Lc, Ls = k_ctx.shape[2], k_self.shape[2]
     out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-
-    def grid(meta):
-        return (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
-
-    _attention_fwd_kernel[grid](
-        q, k_ctx, v_ctx, k_self, v_self, out, lse,
-        H, Lq, k_ctx.shape[2], k_self.shape[2], D, scale * LOG2E,
-        *_bhl_strides(q, k_ctx, v_ctx, k_self, v_self, out), **_triton_meta(q),
-    )
+    buckets = _bucket(Lq), _bucket(Lc + Ls)
+    args = (q, k_ctx, v_ctx, k_self, v_self, out, lse, H, Lq, Lc, Ls, D, scale * LOG2E, *buckets,
+            *_bhl_strides(q, k_ctx, v_ctx, k_self, v_self, out))
+    meta = dict(_triton_meta(q), NEG_SCALE=scale < 0)
+    _launch(_attention_fwd_kernel, lambda m: (triton.cdiv(Lq, m["BLOCK_M"]), B * H), args, meta, config,
+            (q.dtype, *buckets, *meta.values()))
     return out, lse
 
 
-def asymmetric_attention_backward_triton(grad_out, q, k_ctx, v_ctx, k_self, v_self, out, lse, scale):
+_TUNED = {}  # (kernel, autotuning key) -> the config autotuning chose
+
+
+def _launch(kernel, grid, args, meta, config, tune_key):
+    """kernel[grid](*args, **meta) with the given config, or the one autotuning chose for tune_key
+    (the kernel's autotuning key): after the first call of a key, the autotuner's per-call work is
+    skipped."""
+    if config is None:
+        config = _TUNED.get((kernel, tune_key))
+        if config is None:
+            kernel[grid](*args, **meta)
+            _TUNED[(kernel, tune_key)] = kernel.best_config
+            return
+    meta = {**meta, **config.all_kwargs()}
+    kernel.fn[grid(meta)](*args, **meta)
+
+
+def asymmetric_attention_backward_triton(grad_out, q, k_ctx, v_ctx, k_self, v_self, out, lse, scale, *,
+                                         config=None, short=None):
+    """Gradients on the Triton kernels: the one-tile kernel when Lq <= SMALL_LQ, the tiled one otherwise
+    (`short` forces either, `config` bypasses autotuning; tests use both)."""
     B, H, Lq, D = q.shape
+    Lc, Ls = k_ctx.shape[2], k_self.shape[2]
     grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k_ctx, v_ctx, k_self, v_self)]
-    dq, dk_ctx, dv_ctx, dk_self, dv_self = grads
     if Lq == 0 or B * H * D == 0:
         return tuple(g.zero_() for g in grads)
     if grad_out.stride(-1) != 1:  # autograd may hand over an expanded gradient
         grad_out = grad_out.contiguous()
+    args = (q, k_ctx, v_ctx, k_self, v_self, out, grad_out, lse, *grads, H, Lq, Lc, Ls, D, scale * LOG2E, scale)
+    strides = _bhl_strides(q, k_ctx, v_ctx, k_self, v_self, out, grad_out, *grads)
     meta = _triton_meta(q)
-    delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
-    _bwd_delta_kernel[(triton.cdiv(Lq, 64), B * H)](
-        out, grad_out, delta, H, Lq, D, *_bhl_strides(out, grad_out), BLOCK_M=64, BLOCK_D=meta["BLOCK_D"],
-    )
-    for k, v, dk, dv in ((k_ctx, v_ctx, dk_ctx, dv_ctx), (k_self, v_self, dk_self, dv_self)):
-        Lk = k.shape[2]
-        if Lk == 0:
-            continue
-        _bwd_dkdv_kernel[lambda m, Lk=Lk: (triton.cdiv(Lk, m["BLOCK_N"]), B * H)](
-            q, k, v, grad_out, lse, delta, dk, dv, H, Lq, Lk, D, scale * LOG2E, scale,
-            *_bhl_strides(q, k, v, grad_out, dk, dv), **meta,
-        )
-    _bwd_dq_kernel[lambda m: (triton.cdiv(Lq, m["BLOCK_M"]), B * H)](
-        q, k_ctx, v_ctx, k_self, v_self, grad_out, lse, delta, dq,
-        H, Lq, k_ctx.shape[2], k_self.shape[2], D, scale * LOG2E, scale,
-        *_bhl_strides(q, k_ctx, v_ctx, k_self, v_self, grad_out, dq), **meta,
-    )
+    if short if short is not None else Lq <= SMALL_LQ:
+        meta["BLOCK_M"] = max(16, triton.next_power_of_2(Lq))
+        _launch(_attention_bwd_short_kernel, lambda m: (B * H,), (*args, _bucket(Lc + Ls), *strides), meta, config,
+                (q.dtype, _bucket(Lc + Ls), *meta.values()))
+    else:
+        _launch(_attention_bwd_kernel,
+                lambda m: (max(triton.cdiv(Lc + Ls, m["BLOCK_N"]), triton.cdiv(Lq, m["BLOCK_M"])), B * H),
+                (*args, _bucket(Lq), _bucket(Lc + Ls), *strides), meta, config,
+                (q.dtype, _bucket(Lq), _bucket(Lc + Ls), *meta.values()))
     return tuple(grads)
 
 
@@ -504,6 +625,27 @@ def asymmetric_attention(q, k_ctx, v_ctx, k_self, v_self, scale=None, *, return_
     scale defaults to D**-0.5. Returns out (B, H, Lq, D) in the input dtype, and with return_lse also
     the log-sum-exp (B, H, Lq) in fp32 (fp64 for fp64 inputs).
     """
+    # Validation and backend choice depend only on the signature of the call: a call like an earlier
+    # valid one reuses its plan.
+    key = signature(q, k_ctx, v_ctx, k_self, v_self, scale, backend, os.environ.get(ENV_BACKEND),
+                    _library.EXTENSION_LOADED, triton_utils.INTERPRET)
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None:
+        plan = _plan(q, k_ctx, v_ctx, k_self, v_self, scale, backend)
+        if key is not None:
+            if len(_PLANS) >= CACHE_LIMIT:
+                _PLANS.clear()
+            _PLANS[key] = plan
+    chosen, scale = plan
+    out, lse = torch.ops.enat.asymmetric_attention(q, k_ctx, v_ctx, k_self, v_self, scale, chosen)
+    return (out, lse) if return_lse else out
+
+
+_PLANS = {}  # signature of a valid call -> (backend, scale)
+
+
+def _plan(q, k_ctx, v_ctx, k_self, v_self, scale, backend):
+    """Check the arguments (errors name them) and pick the backend: (backend, scale as a float)."""
     tensors = dict(q=q, k_ctx=k_ctx, v_ctx=v_ctx, k_self=k_self, v_self=v_self)
     for name, layout in (("q", "B H Lq D"), ("k_ctx", "B H Lc D"), ("v_ctx", "B H Lc D")):
         _checks.tensor(name, tensors[name], layout)
@@ -528,6 +670,5 @@ def asymmetric_attention(q, k_ctx, v_ctx, k_self, v_self, scale=None, *, return_
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     elif not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
-    chosen = FORWARD.select(backend, q.device, q, k_ctx, v_ctx, k_self, v_self, float(scale))
-    out, lse = torch.ops.enat.asymmetric_attention(q, k_ctx, v_ctx, k_self, v_self, float(scale), chosen)
-    return (out, lse) if return_lse else out
+    scale = float(scale)
+    return FORWARD.select(backend, q.device, q, k_ctx, v_ctx, k_self, v_self, scale), scale
