@@ -5,7 +5,8 @@ reuse replayed as one CUDA graph (enat.GraphedSampler, "enat-reuse-graph").
 
 8 steps with the paper's sampler settings for the resolution. On a GPU every provider runs under fp16
 autocast, at batch 32 and 128; on a CPU in fp32 at batch 2, and only where one image takes seconds,
-not minutes (ENAT-B and ENAT-L at 512 px are GPU-only).
+not minutes (ENAT-B and ENAT-L at 512 px are GPU-only); a CPU smoke run (--benchmark-disable) generates
+once per provider with ENAT-S at 256 px only.
 """
 
 import pytest
@@ -23,6 +24,7 @@ if ON_GPU:
 else:
     BATCHES, ROUNDS = [2], 2
     CPU_SKIP = (("ENAT-B", 512), ("ENAT-L", 512))
+SMOKE = ("ENAT-S", 256)  # the one size a CPU smoke run (--benchmark-disable) generates with
 BASELINE = "paper-style"
 GRAPHED = "enat-reuse-graph"
 PROVIDERS = ["enat-reuse", GRAPHED, "enat-no-reuse", "plain-nat", BASELINE]
@@ -46,6 +48,9 @@ def _model(kind, cfg):
 def bench_sample(benchmark, name, resolution, batch, provider):
     if (name, resolution) in CPU_SKIP:
         pytest.skip(f"{name} at {resolution} px takes minutes per image on a CPU; it is measured on a GPU")
+    if benchmark.disabled and not ON_GPU and (name, resolution) != SMOKE:
+        pytest.skip(f"smoke run on a CPU (--benchmark-disable): one generation takes 10 s to minutes here, so "
+                    f"only {SMOKE[0]} at {SMOKE[1]} px runs; --benchmark-only times {name} at {resolution} px")
     if provider == GRAPHED and not ON_GPU:
         pytest.skip("CUDA graphs need a GPU")
     cfg = enat.config(name, resolution)

@@ -1,88 +1,263 @@
-"""One line per benchmarked case from a pytest-benchmark JSON file: the fastest enat backend against
-the baselines and the targets of the op contract.
+"""The benchmark results against the targets of the op contract (OPS.md, "Performance targets").
 
-    python benchmarks/summarize.py results.json
+    python benchmarks/summarize.py results.json [more.json ...]   # pytest-benchmark JSON files
 
-Attention: time, TFLOP/s, speed-up over cat+SDPA (target >= 2x forward, >= 1.5x forward+backward)
-and time relative to SDPA on pre-concatenated K/V (target <= 1.1). Token movement: GB/s, fraction of
-a plain copy of the same bytes (target >= 80%) and speed-up over boolean-mask indexing.
+Per op and mode, one line per shape: GPU time of each provider (on a CPU: wall-clock time, the only
+time there), TFLOP/s or GB/s derived from it, the eager latency (host + GPU, synchronised per call) of
+enat-auto, and the targets that apply, each with ok or MISS:
+
+- asymmetric_attention: enat-triton forward GPU time <= 1.1x SDPA on pre-concatenated K/V ("sdpa
+  (concatenated)"), forward+backward <= 1.15x; enat-cuda forward <= 1.25x enat-triton forward.
+- token movement: enat-auto at >= 80% of the copy bandwidth (GB/s for the bytes the op must move,
+  against a plain copy's GB/s) and never slower than the torch index way (torch.gather / torch.scatter
+  / torch.argsort: provider "torch.*").
+- host path: at the tiny shapes, enat-auto's eager latency <= 3x the nearest torch call's (SDPA on
+  concatenated K/V for attention, the torch.* provider for token movement).
+Then, per target, how many shapes pass and the shape at which it is worst, with the number.
+The GPU targets are checked only on results that have GPU time; the host-path one everywhere.
+Whole-generation results (bench_model.py) get one line each: images/s per provider.
 """
 
 import json
 import sys
 
+FLOOR = "sdpa (concatenated)"
+ATTENTION = "asymmetric_attention"
+ATTENTION_COLUMNS = {"enat-auto": "auto", "enat-triton": "triton", "enat-cuda": "cuda", FLOOR: "sdpa-cat",
+                     "cat+sdpa": "cat+sdpa", "naive (paper)": "naive"}
+TOKEN_COLUMNS = {"enat-auto": "auto", "enat-triton": "triton", "enat-cuda": "cuda", "enat-reference": "ref",
+                 "torch.*": "torch", "bool-mask (paper)": "boolmask", "copy": "copy"}
 
-def _cases(benchmarks):
+
+class Target:
+    """A target checked per shape: value = numerator / denominator, ok when value <= limit (or >=)."""
+
+    def __init__(self, name, limit, at_least=False):
+        self.name, self.limit, self.at_least = name, limit, at_least
+        self.results = []  # (value, shape description)
+
+    def check(self, value, where):
+        self.results.append((value, where))
+        ok = value >= self.limit if self.at_least else value <= self.limit
+        return "ok" if ok else "MISS"
+
+    def worst_line(self):
+        if not self.results:
+            return f"  {self.name}: no results"
+        worst = (min if self.at_least else max)(self.results, key=lambda r: r[0])
+        passed = sum(1 for v, _ in self.results if (v >= self.limit if self.at_least else v <= self.limit))
+        return (f"  {self.name}: {passed}/{len(self.results)} ok; worst {_ratio(worst[0], self.at_least)} "
+                f"at {worst[1]}")
+
+
+def _ratio(value, percent=False):
+    return f"{value:.0%}" if percent else f"{value:.2f}x"
+
+
+def _num(value):
+    """A throughput with three significant digits."""
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def _time(seconds):
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1e6:.1f}" if seconds < 1e-2 else f"{seconds * 1e6:.0f}"
+
+
+def _provider_key(provider):
+    return "torch.*" if provider.startswith("torch.") else provider
+
+
+def records_from_json(paths):
+    """The extra_info of every benchmark in the files, with eager_s filled from the stats if absent."""
+    records = []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        for b in data["benchmarks"]:
+            info = dict(b["extra_info"])
+            if b.get("stats"):
+                info.setdefault("eager_s", b["stats"]["median"])
+                info.setdefault("median_s", b["stats"]["median"])
+            records.append(info)
+    return records
+
+
+def _cases(records):
     cases = {}
-    for b in benchmarks:
-        info = b["extra_info"]
-        key = (info["op"], info["mode"], info["shape"], info["dtype"])
-        cases.setdefault(key, {})[info["provider"]] = info | {"median_s": b["stats"]["median"]}
+    for r in records:
+        if r.get("eager_s") is None and r.get("median_s") is None:
+            continue
+        key = (r["op"], r["mode"], r.get("role") or "", r["shape"], r["dtype"], r.get("layout") or "")
+        cases.setdefault(key, {})[_provider_key(r["provider"])] = r
     return cases
+
+
+def _gpu(r):
+    return r.get("gpu_s")
+
+
+def _seconds(r):
+    """GPU time where measured, else the eager (wall-clock) time."""
+    return r.get("gpu_s") or r.get("time_s") or r.get("eager_s") or r.get("median_s")
+
+
+def _eager(r):
+    return r.get("eager_s") or r.get("median_s")
 
 
 def _sample_line(key, providers):
     """Generation: images/s per provider and ENAT's speed-up over the paper-style path (CPU target 1.25x),
     eager and, on a GPU, replayed as a CUDA graph."""
-    op, _, shape, dtype = key
+    op, _, _, shape, dtype, _ = key
     cells = [f"{op:<21} {shape:<10} {dtype:<8}"]
     cells += [f"{p} {r['images/s']:.2f} img/s" for p, r in providers.items() if r.get("images/s") is not None]
     if "enat-reuse" in providers and "paper-style" in providers:
-        ratio = providers["paper-style"]["median_s"] / providers["enat-reuse"]["median_s"]
+        ratio = _eager(providers["paper-style"]) / _eager(providers["enat-reuse"])
         on_cpu = providers["enat-reuse"].get("cuda") is None
         cells.append(f"{ratio:.2f}x vs paper-style" + (f" ({'ok' if ratio >= 1.25 else 'MISS'} >= 1.25 on CPU)"
                                                        if on_cpu else ""))
     if "enat-reuse-graph" in providers and "paper-style" in providers:
-        ratio = providers["paper-style"]["median_s"] / providers["enat-reuse-graph"]["median_s"]
+        ratio = _eager(providers["paper-style"]) / _eager(providers["enat-reuse-graph"])
         cells.append(f"graph {ratio:.2f}x vs paper-style")
     return "  ".join(cells)
 
 
-def _line(key, providers):
-    op, mode, shape, dtype = key
-    if op.startswith("sample "):
-        return _sample_line(key, providers)
-    ours = {p: r for p, r in providers.items() if p.startswith("enat-")}
-    if not ours:
-        return None
-    best_name, best = min(ours.items(), key=lambda kv: kv[1]["median_s"])
-    t = best["median_s"]
-    cells = [f"{op:<21} {mode:<7} {dtype:<8} {shape:<30} {best_name:<15} {t * 1e6:9.1f} us"]
-    if best.get("TFLOP/s") is not None:
-        cells.append(f"{best['TFLOP/s']:7.1f} TFLOP/s")
-    if best.get("GB/s") is not None:
-        cells.append(f"{best['GB/s']:7.0f} GB/s")
-    if "cat+sdpa" in providers:
-        target = 2.0 if mode == "fwd" else 1.5
-        ratio = providers["cat+sdpa"]["median_s"] / t
-        cells.append(f"{ratio:5.2f}x vs cat+sdpa ({'ok' if ratio >= target else 'MISS'} >= {target})")
-    if "sdpa (concatenated)" in providers and mode == "fwd":
-        rel = t / providers["sdpa (concatenated)"]["median_s"]
-        cells.append(f"{rel:5.2f} of sdpa time ({'ok' if rel <= 1.1 else 'MISS'} <= 1.1)")
-    if "copy" in providers:
-        frac = providers["copy"]["median_s"] / t
-        cells.append(f"{frac:4.0%} of copy ({'ok' if frac >= 0.8 else 'MISS'} >= 80%)")
-    if "bool-mask (paper)" in providers:
-        cells.append(f"{providers['bool-mask (paper)']['median_s'] / t:5.2f}x vs bool-mask")
-    return "  ".join(cells)
-
-
-def main(path):
-    with open(path) as f:
-        data = json.load(f)
-    if not data["benchmarks"]:
-        print("no benchmark results")
+def summarize(records, write=print):
+    """Write the tables and the target lines for a list of result records (extra_info dicts)."""
+    records = [r for r in records if r.get("op")]
+    if not records:
+        write("no benchmark results")
         return
-    env = data["benchmarks"][0]["extra_info"]
-    print(f"{env['device']}: torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, "
-          f"enat_kernels {env['enat_kernels']}")
-    for key, providers in _cases(data["benchmarks"]).items():
-        line = _line(key, providers)
-        if line:
-            print(line)
+    env = records[0]
+    write(f"{env['device']}: torch {env['torch']}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, "
+          f"triton {env['triton']}, python {env.get('python')}, enat_kernels {env['enat_kernels']} "
+          f"(CUDA extension {'loaded' if env.get('cuda_extension') else 'absent'})")
+    on_gpu = any(_gpu(r) for r in records)
+    write("times in us; " + ("GPU time: " + env.get("gpu_timer", "?") if on_gpu else
+                             "CPU: wall-clock time is the only time (GPU targets not checked)")
+          + "; eager: host + GPU latency of one synchronised call")
+
+    targets = {
+        "fwd": Target("attention enat-triton fwd <= 1.1x sdpa (concatenated)", 1.1),
+        "fwd+bwd": Target("attention enat-triton fwd+bwd <= 1.15x sdpa (concatenated)", 1.15),
+        "cuda": Target("attention enat-cuda fwd <= 1.25x enat-triton fwd", 1.25),
+        "copy": Target("token ops enat-auto >= 80% of copy bandwidth", 0.8, at_least=True),
+        "torch": Target("token ops enat-auto GPU time <= 1.0x the torch index way", 1.0),
+        "host": Target("host path: enat-auto eager latency at the tiny shape <= 3x the nearest torch call", 3.0),
+    }
+    cases = _cases(records)
+    sections = {}
+    for key, providers in cases.items():
+        op, mode, role = key[:3]
+        if op.startswith("sample "):
+            section = "generation"
+        elif role == "tiny":
+            section = "host path (tiny shapes, eager latency)"
+        else:
+            section = f"{op} {mode}"
+        sections.setdefault(section, []).append((key, providers))
+
+    for section, rows in sections.items():
+        write("")
+        write(section)
+        if section == "generation":
+            for key, providers in rows:
+                write(_sample_line(key, providers))
+        elif section.startswith("host path"):
+            _host_table(rows, targets["host"], write)
+        elif section.startswith(ATTENTION):
+            _attention_table(rows, targets, on_gpu, write)
+        else:
+            _token_table(rows, targets, on_gpu, write)
+
+    shown = [t for name, t in targets.items() if t.results or (on_gpu and name != "host")]
+    if shown:
+        write("")
+        write("targets (worst shape)")
+        for target in shown:
+            write(target.worst_line())
+
+
+def _where(key, providers):
+    op, mode, role, shape, dtype, layout = key
+    return f"{op} {mode} {role + ' ' if role else ''}{shape} {dtype}{' ' + layout if layout else ''}"
+
+
+def _attention_table(rows, targets, on_gpu, write):
+    columns = [p for p in ATTENTION_COLUMNS if any(p in providers for _, providers in rows)]
+    write(f"  {'dtype':<8} {'layout':<10} {'role':<20} {'shape':<30} "
+          + " ".join(f"{ATTENTION_COLUMNS[p]:>9}" for p in columns)
+          + "  TFLOP/s(triton|auto)  targets  eager(auto)")
+    for key, providers in rows:
+        op, mode, role, shape, dtype, layout = key
+        cells = [f"  {dtype:<8} {layout:<10} {role:<20} {shape:<30}"]
+        cells.append(" ".join(f"{_time(_seconds(providers[p])) if p in providers else '-':>9}" for p in columns))
+        main = providers.get("enat-triton") or providers.get("enat-auto")
+        cells.append(f"  {_num(main['TFLOP/s']):>20}" if main and main.get("TFLOP/s") is not None else f"  {'-':>20}")
+        checks = []
+        where = _where(key, providers)
+        triton, cuda, floor = providers.get("enat-triton"), providers.get("enat-cuda"), providers.get(FLOOR)
+        if on_gpu and triton and floor and _gpu(triton) and _gpu(floor) and mode in ("fwd", "fwd+bwd"):
+            value = _gpu(triton) / _gpu(floor)
+            checks.append(f"triton/sdpa {value:.2f} {targets[mode].check(value, where)}")
+        if on_gpu and mode == "fwd" and triton and cuda and _gpu(triton) and _gpu(cuda):
+            value = _gpu(cuda) / _gpu(triton)
+            checks.append(f"cuda/triton {value:.2f} {targets['cuda'].check(value, where)}")
+        cells.append("  " + ("; ".join(checks) if checks else "-"))
+        auto = providers.get("enat-auto")
+        cells.append(f"  {_time(_eager(auto)) if auto else '-'}")
+        write(" ".join(cells))
+
+
+def _token_table(rows, targets, on_gpu, write):
+    columns = [p for p in TOKEN_COLUMNS if any(p in providers for _, providers in rows)]
+    write(f"  {'dtype':<8} {'shape':<26} " + " ".join(f"{TOKEN_COLUMNS[p]:>9}" for p in columns)
+          + "  GB/s(auto)  targets  eager(auto)")
+    for key, providers in rows:
+        op, mode, role, shape, dtype, layout = key
+        cells = [f"  {dtype:<8} {shape:<26}"]
+        cells.append(" ".join(f"{_time(_seconds(providers[p])) if p in providers else '-':>9}" for p in columns))
+        auto = providers.get("enat-auto")
+        cells.append(f"  {_num(auto['GB/s']):>10}" if auto and auto.get("GB/s") is not None else f"  {'-':>10}")
+        checks = []
+        where = _where(key, providers)
+        copy, torch_way = providers.get("copy"), providers.get("torch.*")
+        if on_gpu and auto and copy and auto.get("GB/s") and copy.get("GB/s"):
+            value = auto["GB/s"] / copy["GB/s"]
+            checks.append(f"{value:.0%} of copy {targets['copy'].check(value, where)}")
+        if on_gpu and auto and torch_way and _gpu(auto) and _gpu(torch_way):
+            value = _gpu(auto) / _gpu(torch_way)
+            checks.append(f"{value:.2f}x torch's time {targets['torch'].check(value, where)}")
+        cells.append("  " + ("; ".join(checks) if checks else "-"))
+        cells.append(f"  {_time(_eager(auto)) if auto else '-'}")
+        write(" ".join(cells))
+
+
+def _host_table(rows, target, write):
+    write(f"  {'op':<22} {'mode':<8} {'shape':<26} {'dtype':<8} {'enat-auto':>10} {'torch':>10}  ratio  "
+          "(eager latency, us; torch = the nearest torch call)   triton / cuda eager")
+    for key, providers in rows:
+        op, mode, role, shape, dtype, layout = key
+        auto = providers.get("enat-auto")
+        torch_way = providers.get(FLOOR if op == ATTENTION else "torch.*")
+        cells = [f"  {op:<22} {mode:<8} {shape:<26} {dtype:<8} {_time(_eager(auto)) if auto else '-':>10} "
+                 f"{_time(_eager(torch_way)) if torch_way else '-':>10}"]
+        if auto and torch_way:
+            value = _eager(auto) / _eager(torch_way)
+            cells.append(f"  {value:.2f}x {target.check(value, _where(key, providers))}")
+        others = [f"{_time(_eager(providers[p]))}" for p in ("enat-triton", "enat-cuda") if p in providers]
+        if others:
+            cells.append("   " + " / ".join(others))
+        write("".join(cells))
+
+
+def main(paths):
+    summarize(records_from_json(paths))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python benchmarks/summarize.py results.json")
-    main(sys.argv[1])
+    if len(sys.argv) < 2:
+        sys.exit("usage: python benchmarks/summarize.py results.json [more.json ...]")
+    main(sys.argv[1:])

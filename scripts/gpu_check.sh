@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# GPU check: build the CUDA extension, run every test (the GPU ones included), run the generation and
-# op benchmarks, profile one generation run, and print a short summary table last. Meant for a machine
-# with one NVIDIA GPU and torch, triton, pytest, pytest-benchmark and ninja installed (pytest-xdist
-# is used when present). Each stage has a time cap so that the whole run ends within GPU_CHECK_SECONDS
-# (default 540); a stage cut short is reported as such.
+# GPU check: build the CUDA extension, run every test (the GPU ones included), run the op benchmarks
+# (asymmetric_attention at every shape of an 8-step ENAT-L generation at 256 and 512 px and at training
+# shapes, token movement at the trajectory's row counts: GPU time by triton.testing.do_bench, and eager
+# latency), the generation benchmarks, profile one generation run, and print a short summary table last
+# (benchmarks/summarize.py: each op against its baselines and the contract's targets, ok or MISS per
+# shape, and the worst shape per target). Meant for a machine with one NVIDIA GPU and torch, triton,
+# pytest, pytest-benchmark and ninja installed (pytest-xdist is used when present). Each stage has a
+# time cap, and the build and tests stop early enough to leave the op benchmarks their time, so that the
+# whole run ends within GPU_CHECK_SECONDS (default 540); a stage cut short is reported as such.
 #
 #   bash scripts/gpu_check.sh            # results go to $OUT (or ./gpu-check) as JSON and text
 set -uo pipefail
@@ -14,54 +18,62 @@ PY=${PYTHON:-python}
 END=$((SECONDS + ${GPU_CHECK_SECONDS:-540}))
 status=0
 step() { echo; echo "== $* [$(date +%T)]"; }
-# capped SECONDS CMD...: run CMD for at most SECONDS (and no later than the overall end); SIGINT first,
-# so that pytest still writes its reports.
+# capped SECONDS RESERVE CMD...: run CMD for at most SECONDS, and stop it RESERVE seconds before the overall
+# end (the time later stages are promised); SIGINT first, so that pytest still writes its reports.
 capped() {
-    local cap=$1; shift
-    local left=$((END - SECONDS)); [ "$left" -lt "$cap" ] && cap=$left
+    local cap=$1 reserve=$2; shift 2
+    local left=$((END - reserve - SECONDS)); [ "$left" -lt "$cap" ] && cap=$left
     if [ "$cap" -le 5 ]; then echo "skipped: out of time"; return 1; fi
     timeout -s INT -k 15 "$cap" "$@"
     local rc=$?; [ $rc -eq 124 ] && echo "cut short after ${cap}s"
     return $rc
 }
+OPS_SECONDS=200  # the op benchmarks' share: build and tests leave it (and the summary's 15 s) free
 
 step "environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader || true
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
 echo "C++ compiler: ${CXX:-c++} ($(command -v "${CXX:-c++}")), $("${CXX:-c++}" --version | head -1)"
+NVCC=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
+echo "CUDA compiler: $NVCC, $("$NVCC" --version 2>/dev/null | grep -i release || echo 'not found')"
 
 step "build (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:=9.0})"
 export TORCH_CUDA_ARCH_LIST MAX_JOBS=${MAX_JOBS:-16}
-ENAT_KERNELS_BUILD_CUDA=1 capped 200 $PY -m pip install --no-build-isolation --no-deps -v -e . > "$OUT_DIR/build.txt" 2>&1 || status=1
+ENAT_KERNELS_BUILD_CUDA=1 capped 200 $((OPS_SECONDS + 15)) $PY -m pip install --no-build-isolation --no-deps -v -e . > "$OUT_DIR/build.txt" 2>&1 || status=1
 tail -5 "$OUT_DIR/build.txt"
 $PY -c "import enat_kernels as e; assert e.EXTENSION_LOADED, e.EXTENSION_ERROR; print('CUDA extension loaded')" || status=1
 
 step "tests"
 # One Triton config per kernel in the tests (fewer compiles); the benchmarks autotune.
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 16")
-ENAT_KERNELS_AUTOTUNE=0 capped 240 $PY -m pytest tests/ -q -rfEs $XDIST -p no:cacheprovider \
+ENAT_KERNELS_AUTOTUNE=0 capped 240 $((OPS_SECONDS + 15)) $PY -m pytest tests/ -q -rfEs $XDIST -p no:cacheprovider \
     --junitxml="$OUT_DIR/tests.xml" > "$OUT_DIR/tests.txt" 2>&1 || status=1
 grep -E "^(FAILED|ERROR)" "$OUT_DIR/tests.txt" | head -30
 tail -3 "$OUT_DIR/tests.txt"
 
+# Op benchmarks (the cases not marked `extended`; `make bench` runs all): asymmetric_attention at
+# every generation shape in fp16 and the training shapes in fp16 and bf16, the tiny host-path shapes,
+# token movement at the mid-trajectory row count. Each case: do_bench GPU time, then a few eager calls.
+step "benchmarks: ops (attention trajectory and training shapes, token movement)"
+capped $OPS_SECONDS 15 $PY -m pytest benchmarks/bench_attention.py benchmarks/bench_tokens.py --benchmark-only -q \
+    -m "not extended" --benchmark-min-rounds=3 --benchmark-max-time=0.05 -p no:cacheprovider -rs \
+    --benchmark-columns=median,rounds --benchmark-json="$OUT_DIR/bench.json" > "$OUT_DIR/bench.txt" 2>&1 || status=1
+grep -E "^(FAILED|ERROR)" "$OUT_DIR/bench.txt" | head -10
+grep -E "passed|failed" "$OUT_DIR/bench.txt" | tail -1
+
 # Generation at 256 px (batch 32 and 128, every provider); `make bench` adds 512 px.
 step "benchmarks: generation (256 px)"
-capped 170 $PY -m pytest benchmarks/bench_model.py --benchmark-only -q -k "256" -p no:cacheprovider \
+capped 170 15 $PY -m pytest benchmarks/bench_model.py --benchmark-only -q -k "256" -p no:cacheprovider \
     --benchmark-columns=median,rounds --benchmark-json="$OUT_DIR/bench_model.json" > "$OUT_DIR/bench_model.txt" 2>&1 || status=1
 tail -3 "$OUT_DIR/bench_model.txt"
 
 step "profile: ENAT-L 256 px, batch 128"
-{ capped 40 $PY benchmarks/profile_sample.py ENAT-L --batch 128 --top 12
-  capped 30 $PY benchmarks/profile_sample.py ENAT-L --batch 128 --provider paper-style --top 8; } > "$OUT_DIR/profile.txt" 2>&1 || status=1
+{ capped 40 10 $PY benchmarks/profile_sample.py ENAT-L --batch 128 --top 12
+  capped 30 10 $PY benchmarks/profile_sample.py ENAT-L --batch 128 --provider paper-style --top 8; } > "$OUT_DIR/profile.txt" 2>&1 || status=1
 grep "images/s\|device busy" "$OUT_DIR/profile.txt"
 
-step "benchmarks: ops"
-capped 200 $PY -m pytest benchmarks/ --benchmark-only -q --benchmark-min-rounds=5 --benchmark-max-time=0.2 -k "not bench_sample" \
-    -p no:cacheprovider --benchmark-columns=median,rounds --benchmark-json="$OUT_DIR/bench.json" > "$OUT_DIR/bench.txt" 2>&1 || status=1
-tail -3 "$OUT_DIR/bench.txt"
-
 step "summary"
-[ -s "$OUT_DIR/bench_model.json" ] && $PY benchmarks/summarize.py "$OUT_DIR/bench_model.json"
-[ -s "$OUT_DIR/bench.json" ] && $PY benchmarks/summarize.py "$OUT_DIR/bench.json"
+results=$(for f in "$OUT_DIR/bench_model.json" "$OUT_DIR/bench.json"; do [ -s "$f" ] && echo "$f"; done)
+[ -n "$results" ] && $PY benchmarks/summarize.py $results 2>&1 | tee "$OUT_DIR/summary.txt"
 echo "status: $([ $status -eq 0 ] && echo OK || echo FAILED)"
 exit $status

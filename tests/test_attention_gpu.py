@@ -80,3 +80,26 @@ def test_cuda_and_triton_agree_with_the_oracle_at_enat_shapes(dtype):
         for backend in KERNELS:
             out, lse = K.asymmetric_attention(*inputs, return_lse=True, backend=backend)
             check_forward(out, lse, inputs, what=f"{backend} D={D}")
+
+
+# (B, H, Lq, Lc, Ls, D) of ENAT-L: training decoder and encoder (mask ratio 0.8 of 256 tokens), a reuse
+# step's encoder (critical tokens over the cache), and 512-px decoder steps (1024 tokens).
+MODEL_SHAPES = [(4, 16, 205, 51, 205, 64), (4, 16, 51, 0, 51, 64), (4, 16, 20, 180, 20, 64),
+                (2, 16, 1004, 20, 1004, 64), (2, 16, 196, 828, 196, 64)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("shape", MODEL_SHAPES, ids=lambda s: "B{}H{}-Lq{}-Lc{}-Ls{}-D{}".format(*s))
+def test_gradients_at_model_shapes(shape, backend, dtype):
+    """Forward and all five gradients against the fp64 oracle at the model's own shapes, with the
+    model's layout (heads split from a projection output: permuted, strided views)."""
+    from test_attention_triton import check_gradients
+
+    inputs = [helpers.heads_view(t) for t in make_inputs(*shape, dtype=dtype, device="cuda")]
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    out, lse = K.asymmetric_attention(*leaves, return_lse=True, backend=backend)
+    check_forward(out.detach(), lse, inputs, what=f"{backend} {shape}")
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    check_gradients(grads, inputs, grad_out, shape[-1] ** -0.5, f"{backend} {shape}")
