@@ -8,13 +8,14 @@ TORCH ?= torch==2.14.1
 BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
 CMAKE_BUILD := build/cmake
 # pytest-benchmark's own timing is the eager latency (a few rounds suffice); GPU time comes from do_bench.
-BENCH_FLAGS ?= --benchmark-columns=median,iqr,rounds --benchmark-max-time=0.1 --benchmark-autosave
+# -rs lists why each skipped case was skipped (a provider the machine cannot run).
+BENCH_FLAGS ?= -rs --benchmark-columns=median,iqr,rounds --benchmark-max-time=0.1 --benchmark-autosave
 
 .PHONY: setup test bench cpp gpu-check clean
 
 $(VENV)/.ready: $(BUILD_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH)" numpy pytest pytest-benchmark ninja einops setuptools wheel
+	$(PY) -m pip install -q "$(TORCH)" numpy tqdm pytest pytest-benchmark ninja einops setuptools wheel
 	$(PY) -m pip install -q --no-build-isolation -e .
 	$(PY) -c "import enat_kernels as e; print('enat_kernels: CUDA extension', 'built' if e.EXTENSION_LOADED else 'not available: ' + e.EXTENSION_ERROR)"
 	touch $@
@@ -28,12 +29,21 @@ test: setup cpp
 bench: setup
 	$(PY) -m pytest benchmarks/ --benchmark-only $(BENCH_FLAGS)
 
-# The C++ library for libtorch programs, and the example that loads it.
+# The C++ library for libtorch programs, and the example that loads it; skipped, with the reason,
+# without CMake, nvcc or a CUDA build of torch (the Python package does not need them).
 cpp: setup
-	CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} cmake -S . -B $(CMAKE_BUILD) -G Ninja \
-		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
-	cmake --build $(CMAKE_BUILD)
-	$(CMAKE_BUILD)/enat_ops_example
+	@nvcc=$$(command -v nvcc || echo /usr/local/cuda/bin/nvcc); cuda_home=$${CUDA_HOME:-$$(dirname "$$(dirname "$$nvcc")")}; \
+	if ! command -v cmake >/dev/null; then echo "cpp: skipped (cmake is not installed)"; \
+	elif [ ! -x "$$cuda_home/bin/nvcc" ]; then echo "cpp: skipped (no nvcc at $$cuda_home/bin/nvcc; set CUDA_HOME)"; \
+	elif ! $(PY) -c 'import sys, torch; sys.exit(torch.version.cuda is None)'; then \
+		echo "cpp: skipped (torch is a CPU-only build)"; \
+	else \
+		set -ex; \
+		CUDA_HOME=$$cuda_home cmake -S . -B $(CMAKE_BUILD) -G Ninja \
+			-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"; \
+		cmake --build $(CMAKE_BUILD); \
+		$(CMAKE_BUILD)/enat_ops_example; \
+	fi
 
 # On a machine with a GPU and torch, triton, pytest, pytest-benchmark and ninja installed.
 gpu-check:

@@ -22,6 +22,7 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).resolve().parent
 DEFAULT_ARCHS = "8.0;9.0"
 GIB_PER_JOB = 8  # nvcc on a translation unit that includes the torch headers
+HIDDEN = ("-fvisibility=hidden", "-fvisibility-inlines-hidden")
 
 
 def _find_cuda_home():
@@ -78,6 +79,17 @@ def _default_max_jobs():
     return max(1, min(os.cpu_count() or 1, int(mem_gib // GIB_PER_JOB)))
 
 
+def _set_host_compiler():
+    """One C++ compiler for the C++ sources and as nvcc's host compiler: torch compiles .cpp files with
+    CXX (default c++) but passes -ccbin to nvcc only when CC is set, so a CC or CXX given alone is
+    used for both, and with neither, both are set to c++. Returns the compiler's path."""
+    cxx = os.environ.get("CXX") or os.environ.get("CC") or "c++"
+    path = shutil.which(cxx) or cxx
+    os.environ.setdefault("CXX", path)
+    os.environ.setdefault("CC", path)
+    return path
+
+
 def _extension_kwargs():
     build, reason = _cuda_build_plan()
     if not build:
@@ -85,6 +97,7 @@ def _extension_kwargs():
         return {}
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
+    host = _set_host_compiler()
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp"))
@@ -94,14 +107,16 @@ def _extension_kwargs():
         sources=sources,
         include_dirs=[str(ROOT / "csrc")] + _pip_cuda_include_dirs(),
         define_macros=[("ENAT_KERNELS_PYTHON_MODULE", None)],
+        # Hidden visibility: the module exports PyInit__C only, so no inline (template) code compiled
+        # from these headers can interpose on, or be interposed by, another library's copy.
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++20"],
-            "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"],
+            "cxx": ["-O3", *HIDDEN],
+            "nvcc": ["-O3", "--use_fast_math", "-lineinfo", *(f"-Xcompiler={flag}" for flag in HIDDEN)],
         },
     )
     print(
         f"enat_kernels: building the CUDA backend for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
-        f"with MAX_JOBS={os.environ['MAX_JOBS']} (CUDA_HOME={os.environ['CUDA_HOME']})"
+        f"with MAX_JOBS={os.environ['MAX_JOBS']} (CUDA_HOME={os.environ['CUDA_HOME']}, host compiler {host})"
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 
@@ -114,7 +129,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["enat_kernels", "enat_kernels.*", "enat", "enat.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.5", "numpy"],
+    install_requires=["torch>=2.5", "numpy", "tqdm"],
     extras_require={"test": ["pytest", "pytest-benchmark", "einops"]},
     zip_safe=False,
     **_extension_kwargs(),

@@ -11,8 +11,8 @@ Shapes (GPU): ENAT-L, H=16, D=64.
 - Training, mask ratio 0.8, B=128: the decoder (Lq=round(0.8 L), Lc=L-Lq, Ls=Lq) and the encoder over
   the visible tokens (Lq=L-round(0.8 L), Lc=0, Ls=Lq); forward, backward, forward+backward.
 - Tiny: B1 H1 Lq8 Lc8 Ls8 D64, where the host path (eager latency) is what shows.
-Layouts: "model" passes the views the model makes (q: a (B, L, H*D) projection viewed (B, L, H, D) and
-transposed; k, v: slices of a (B, L, 2, H, D) projection, transposed), to every provider, the
+Layouts: "model" passes the views the model makes (q, k_self, v_self: slices of one (B, L, 3, H, D)
+projection, transposed; k_ctx, v_ctx: slices of a (B, L, 2, H, D) projection, transposed), to every provider, the
 pre-concatenated K/V included; "contiguous" passes (B, H, L, D) tensors. On a CPU: B=2, H=2, L=64.
 
 Providers: enat-auto (the dispatcher's choice, what users get), enat-triton, enat-cuda (CUDA forward;
@@ -126,11 +126,13 @@ def _heads(t, part):
 def make_inputs(B, H, Lq, Lc, Ls, dtype, layout, requires_grad=False):
     """q, k_ctx, v_ctx, k_self, v_self and the pre-concatenated (k, v) in the given layout."""
     if layout == "model":
-        qp, kv_ctx, kv_self = (_projection(B, H, n, parts, dtype) for n, parts in ((Lq, 1), (Lc, 2), (Ls, 2)))
-        kv = torch.cat([kv_ctx, kv_self], 1)  # as if one projection of [context ; self] tokens
-        for t in (qp, kv_ctx, kv_self, kv):
+        if Lq != Ls:
+            raise ValueError(f"the model's queries are its self tokens (Lq == Ls), got Lq={Lq}, Ls={Ls}")
+        qkv, kv_ctx = _projection(B, H, Lq, 3, dtype), _projection(B, H, Lc, 2, dtype)
+        kv = torch.cat([kv_ctx, qkv[:, :, 1:]], 1)  # as if one projection of [context ; self] tokens
+        for t in (qkv, kv_ctx, kv):
             t.requires_grad_(requires_grad)
-        args = (_heads(qp, 0), _heads(kv_ctx, 0), _heads(kv_ctx, 1), _heads(kv_self, 0), _heads(kv_self, 1))
+        args = (_heads(qkv, 0), _heads(kv_ctx, 0), _heads(kv_ctx, 1), _heads(qkv, 1), _heads(qkv, 2))
         return args, (_heads(kv, 0), _heads(kv, 1))
     if layout != "contiguous":
         raise ValueError(layout)

@@ -1,4 +1,4 @@
-"""The benchmark results against the targets of the op contract (OPS.md, "Performance targets").
+"""The benchmark results against the targets of the op contract (docs/OPS.md, "Performance targets").
 
     python benchmarks/summarize.py results.json [more.json ...]   # pytest-benchmark JSON files
 
@@ -13,6 +13,8 @@ enat-auto, and the targets that apply, each with ok or MISS:
   / torch.argsort: provider "torch.*").
 - host path: at the tiny shapes, enat-auto's eager latency <= 3x the nearest torch call's (SDPA on
   concatenated K/V for attention, the torch.* provider for token movement).
+adaln and residual_adaln (bench_adaln.py) get a table with no target: times, GB/s and the speed-up of
+enat-auto over the unfused PyTorch ("torch").
 Then, per target, how many shapes pass and the shape at which it is worst, with the number.
 The GPU targets are checked only on results that have GPU time; the host-path one everywhere.
 Whole-generation results (bench_model.py) get one line each: images/s per provider.
@@ -25,6 +27,8 @@ FLOOR = "sdpa (concatenated)"
 ATTENTION = "asymmetric_attention"
 ATTENTION_COLUMNS = {"enat-auto": "auto", "enat-triton": "triton", "enat-cuda": "cuda", FLOOR: "sdpa-cat",
                      "cat+sdpa": "cat+sdpa", "naive (paper)": "naive"}
+ADALN_OPS = ("adaln", "residual_adaln")
+ADALN_COLUMNS = {"enat-auto": "auto", "enat-triton": "triton", "torch": "torch"}
 TOKEN_COLUMNS = {"enat-auto": "auto", "enat-triton": "triton", "enat-cuda": "cuda", "enat-reference": "ref",
                  "torch.*": "torch", "bool-mask (paper)": "boolmask", "copy": "copy"}
 
@@ -169,6 +173,8 @@ def summarize(records, write=print):
             _host_table(rows, targets["host"], write)
         elif section.startswith(ATTENTION):
             _attention_table(rows, targets, on_gpu, write)
+        elif section.split(" ")[0] in ADALN_OPS:
+            _adaln_table(rows, write)
         else:
             _token_table(rows, targets, on_gpu, write)
 
@@ -232,6 +238,21 @@ def _token_table(rows, targets, on_gpu, write):
             checks.append(f"{value:.2f}x torch's time {targets['torch'].check(value, where)}")
         cells.append("  " + ("; ".join(checks) if checks else "-"))
         cells.append(f"  {_time(_eager(auto)) if auto else '-'}")
+        write(" ".join(cells))
+
+
+def _adaln_table(rows, write):
+    columns = [p for p in ADALN_COLUMNS if any(p in providers for _, providers in rows)]
+    write(f"  {'dtype':<9} {'role':<11} {'shape':<18} " + " ".join(f"{ADALN_COLUMNS[p]:>9}" for p in columns)
+          + "  GB/s(auto)  auto vs torch  eager(auto)")
+    for key, providers in rows:
+        op, mode, role, shape, dtype, layout = key
+        auto, base = providers.get("enat-auto"), providers.get("torch")
+        cells = [f"  {dtype:<9} {role:<11} {shape:<18}",
+                 " ".join(f"{_time(_seconds(providers[p])) if p in providers else '-':>9}" for p in columns),
+                 f"  {_num(auto['GB/s']) if auto and auto.get('GB/s') is not None else '-':>10}",
+                 f"  {_seconds(base) / _seconds(auto):12.2f}x" if auto and base else f"  {'-':>13}",
+                 f"  {_time(_eager(auto)) if auto else '-'}"]
         write(" ".join(cells))
 
 

@@ -41,15 +41,13 @@ class KernelOps:
     positions = staticmethod(K.mask_to_index)  # (mask, count) -> selector
     gather = staticmethod(K.gather_tokens)  # (x, selector) -> rows
     merge = staticmethod(K.merge_cache)  # (fresh, fresh_selector, cached, cached_selector) -> rows
+    adaln = staticmethod(K.adaln)  # (x, shift, scale, eps=) -> LayerNorm(x) * (1 + scale) + shift
+    residual_adaln = staticmethod(K.residual_adaln)  # (x, y, gate, shift, scale, eps=) -> (x + gate y, adaln of it)
 
 
 def _values_checked(t):
     """Check tensor values: on CPU (free) or in debug mode, never while torch.compile traces."""
     return _checks.values_checked(t) and not torch.compiler.is_compiling()
-
-
-def modulate(x, shift, scale):
-    return x * (1 + scale) + shift
 
 
 class Mlp(nn.Module):
@@ -109,40 +107,68 @@ class PrevProj(nn.Module):
 
 
 class Attention(nn.Module):
-    """Queries and self keys/values from the block's tokens (`q`, `kv.B`), context keys/values from
-    the context tokens (`kv.A`); one softmax over [context ; self]."""
+    """Queries and self keys/values from the block's tokens, context keys/values from the context
+    tokens; one softmax over [context ; self].
+
+    The official `q` (d -> d) and `kv.B` (d -> 2d: K then V) read the same input, so they are held
+    as one (3d, d) projection `qkv` and run as one GEMM; `kv.A` (the context's K/V) is `kv_ctx`.
+    state_dict() and load_state_dict() speak the official names (`attn.q.*`, `attn.kv.A.*`,
+    `attn.kv.B.*`): the weights are joined once, on load, and split only when saved."""
 
     def __init__(self, dim, heads):
         super().__init__()
         self.heads = heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.ModuleDict({"A": nn.Linear(dim, 2 * dim), "B": nn.Linear(dim, 2 * dim)})
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.kv_ctx = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.register_state_dict_post_hook(_official_attention_keys)
+        self.register_load_state_dict_pre_hook(_fused_attention_keys)
 
-    def _heads(self, kv):
-        """(B, n, 2d) -> k, v (B, H, n, d/H), views of kv."""
-        B, n, two_d = kv.shape
-        kv = kv.view(B, n, 2, self.heads, two_d // (2 * self.heads))
-        return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    def _heads(self, t, parts):
+        """(B, n, parts * d) -> `parts` views (B, H, n, d/H)."""
+        B, n, width = t.shape
+        t = t.view(B, n, parts, self.heads, width // (parts * self.heads))
+        return [t[:, :, i].transpose(1, 2) for i in range(parts)]
 
     def forward(self, x, ctx, ops):
         """x (B, Lq, d) modulated block tokens, ctx (B, Lc, d) modulated context (Lc may be 0)."""
         B, Lq, d = x.shape
-        q = self.q(x).view(B, Lq, self.heads, d // self.heads).transpose(1, 2)
-        k_self, v_self = self._heads(self.kv["B"](x))
-        k_ctx, v_ctx = self._heads(self.kv["A"](ctx))
+        q, k_self, v_self = self._heads(self.qkv(x), 3)
+        k_ctx, v_ctx = self._heads(self.kv_ctx(ctx), 2)
         out = ops.attention(q, k_ctx, v_ctx, k_self, v_self)
         return self.proj(out.transpose(1, 2).reshape(B, Lq, d))
 
 
+def _official_attention_keys(module, state_dict, prefix, local_metadata):
+    """state_dict() post-hook: qkv -> q and kv.B, kv_ctx -> kv.A."""
+    d = module.proj.in_features
+    for kind in ("weight", "bias"):
+        fused = state_dict.pop(f"{prefix}qkv.{kind}")
+        state_dict[f"{prefix}q.{kind}"] = fused[:d]
+        state_dict[f"{prefix}kv.A.{kind}"] = state_dict.pop(f"{prefix}kv_ctx.{kind}")
+        state_dict[f"{prefix}kv.B.{kind}"] = fused[d:]
+
+
+def _fused_attention_keys(module, state_dict, prefix, *args):
+    """load_state_dict() pre-hook: the official q and kv.B join into qkv, kv.A becomes kv_ctx. Keys
+    that are absent stay absent, so strict loading reports them under the fused name."""
+    for kind in ("weight", "bias"):
+        q, kv_b = f"{prefix}q.{kind}", f"{prefix}kv.B.{kind}"
+        if q in state_dict and kv_b in state_dict:
+            state_dict[f"{prefix}qkv.{kind}"] = torch.cat([state_dict.pop(q), state_dict.pop(kv_b)])
+        kv_a = f"{prefix}kv.A.{kind}"
+        if kv_a in state_dict:
+            state_dict[f"{prefix}kv_ctx.{kind}"] = state_dict.pop(kv_a)
+
+
 class Block(nn.Module):
-    """DiT block with adaLN: 8 modulation chunks from the label embedding."""
+    """DiT block with adaLN: 8 modulation chunks from the label embedding. The norms and modulations
+    run through `ops` as fused kernels: adaLN of the tokens and of the context, the attention, the
+    gated residual fused with the MLP's adaLN, the MLP, the last gated residual."""
 
     def __init__(self, dim, heads):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.norm1_ = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.eps = 1e-6  # norm1, norm1_ and norm2: LayerNorm without affine
         self.attn = Attention(dim, heads)
         self.mlp = Mlp(dim, 4 * dim, "tanh")
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 8 * dim))
@@ -150,11 +176,11 @@ class Block(nn.Module):
     def forward(self, x, ctx, c, ops):
         """x (B, Lq, d) block tokens, ctx (B, Lc, d) context tokens, c (B, d) label embedding."""
         (shift_q, scale_q, shift_ctx, scale_ctx, gate_attn,
-         shift_mlp, scale_mlp, gate_mlp) = self.adaLN_modulation(c).unsqueeze(1).chunk(8, dim=-1)
-        x_mod = modulate(self.norm1(x), shift_q, scale_q)
-        ctx_mod = modulate(self.norm1_(ctx), shift_ctx, scale_ctx)
-        x = x + gate_attn * self.attn(x_mod, ctx_mod, ops)
-        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+         shift_mlp, scale_mlp, gate_mlp) = self.adaLN_modulation(c).chunk(8, dim=-1)  # (B, d) each
+        x_mod = ops.adaln(x, shift_q, scale_q, eps=self.eps)
+        ctx_mod = ops.adaln(ctx, shift_ctx, scale_ctx, eps=self.eps)
+        x, h = ops.residual_adaln(x, self.attn(x_mod, ctx_mod, ops), gate_attn, shift_mlp, scale_mlp, eps=self.eps)
+        return torch.addcmul(x, gate_mlp.unsqueeze(1), self.mlp(h))
 
 
 class MlmLayer(nn.Module):

@@ -1,7 +1,8 @@
 """ENAT run the way the paper's code runs it, for side-by-side comparisons with the same weights.
 
-The same modules and sampler with three changes: attention concatenates [context ; self] keys and
-values and runs naive matmul-softmax-matmul; token rows move by boolean-mask indexing (a host sync
+The same modules and sampler with four changes: attention concatenates [context ; self] keys and
+values and runs naive matmul-softmax-matmul; norms, modulations and gated residuals are separate
+PyTorch ops; token rows move by boolean-mask indexing (a host sync
 and several launches each on a GPU); the two CFG branches run as two passes. On a GPU it runs under
 fp16 autocast, as the paper's code does; on a CPU in the model's dtype (CPU fp16 matmuls are
 emulated and would make the comparison meaningless).
@@ -10,6 +11,7 @@ emulated and would make the comparison meaningless).
 import contextlib
 
 import torch
+import torch.nn.functional as F
 
 from .sampler import sample as _sample
 
@@ -35,6 +37,16 @@ class PaperStyleOps:
         out[~mask] = visible.reshape(-1, visible.shape[-1])
         out[mask] = masked.reshape(-1, masked.shape[-1])
         return out
+
+    @staticmethod
+    def adaln(x, shift, scale, eps):
+        x = F.layer_norm(x, x.shape[-1:], eps=eps)
+        return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+    @staticmethod
+    def residual_adaln(x, y, gate, shift, scale, eps):
+        x = x + gate.unsqueeze(1) * y
+        return x, PaperStyleOps.adaln(x, shift, scale, eps)
 
     @staticmethod
     def positions(mask, count=None):

@@ -11,10 +11,12 @@ sampled = argmax(logp[P] / temp + gumbel(u1)) and confidence = logp[P][sampled] 
 import math
 
 import torch
+from tqdm.auto import tqdm
 
 import enat_kernels.ops as K
+from enat_kernels.ops import _checks
 
-from .config import MASK_ID, NULL_CLASS, VOCAB
+from .config import MASK_ID, NULL_CLASS, NUM_CLASSES, VOCAB
 from .schedule import mask_schedule
 
 
@@ -27,6 +29,11 @@ def _check(model, labels, steps, cfg_scale, mask_temp, samp_temp, generator):
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype != torch.int64:
         raise ValueError(f"labels must be a (B,) int64 tensor of classes, got "
                          f"{type(labels).__name__ if not isinstance(labels, torch.Tensor) else (labels.dtype, tuple(labels.shape))}")
+    if labels.numel() == 0:
+        raise ValueError("labels must hold at least one class, got an empty tensor")
+    if _checks.values_checked(labels) and (int(labels.min()) < 0 or int(labels.max()) > NULL_CLASS):
+        raise ValueError(f"labels must be classes in [0, {NUM_CLASSES - 1}] (or {NULL_CLASS}, the null class, for "
+                         f"unconditional samples), got values in [{int(labels.min())}, {int(labels.max())}]")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     for name, value in (("cfg_scale", cfg_scale), ("mask_temp", mask_temp), ("samp_temp", samp_temp)):
@@ -35,13 +42,15 @@ def _check(model, labels, steps, cfg_scale, mask_temp, samp_temp, generator):
     device = model.x_embedder.word_embeddings.weight.device
     if labels.device != device:
         raise ValueError(f"labels must be on the model's device ({device}), got {labels.device}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {generator!r}")
     if generator is not None and generator.device.type != device.type:
         raise ValueError(f"generator must be on the model's device ({device}), got one on {generator.device}")
 
 
 @torch.no_grad()
 def sample(model, labels, *, steps=8, cfg_scale=2.5, mask_temp=1.5, samp_temp=6.0, reuse=True, generator=None,
-           cfg_batch=True):
+           cfg_batch=True, progress=False):
     """Generate token ids (B, L) for labels (B,) int64 with an enat.ENAT or enat.PlainNAT.
 
     Step k (r = (k+1)/T) keeps floor(L cos(pi/2 r)) tokens masked, guidance weight g_k = k/T * cfg_scale.
@@ -50,8 +59,19 @@ def sample(model, labels, *, steps=8, cfg_scale=2.5, mask_temp=1.5, samp_temp=6.
     reuse=False runs ENAT without feature reuse (the disentangled model); PlainNAT reuses nothing.
     The paper's defaults are cfg_scale 2.5, mask_temp 1.5, samp_temp 6 at 256 px and 3.5, 1.5, 4 at
     512 px (model.cfg holds them). The step loop reads nothing back from the device: every count
-    is known from the schedule."""
+    is known from the schedule. The model runs in eval mode (no dropout, no label dropout), so the
+    same generator gives the same ids; a model in training mode is switched back afterwards.
+    progress=True shows a progress bar over the steps (tqdm, on stderr)."""
     _check(model, labels, steps, cfg_scale, mask_temp, samp_temp, generator)
+    was_training = model.training
+    model.eval()
+    try:
+        return _sample(model, labels, steps, cfg_scale, mask_temp, samp_temp, reuse, generator, cfg_batch, progress)
+    finally:
+        model.train(was_training)
+
+
+def _sample(model, labels, steps, cfg_scale, mask_temp, samp_temp, reuse, generator, cfg_batch, progress):
     B, L, device = labels.shape[0], model.cfg.seq_len, labels.device
     counts = mask_schedule(L, steps)
     reuse = reuse and model.reuses_features
@@ -59,7 +79,7 @@ def sample(model, labels, *, steps=8, cfg_scale=2.5, mask_temp=1.5, samp_temp=6.
     null = torch.full_like(labels, NULL_CLASS)
     branches = [torch.cat([labels, null])] if cfg_batch else [labels, null]
     states = [None] * len(branches)
-    for k in range(steps):
+    for k in tqdm(range(steps), desc="enat.sample", unit="step", disable=not progress):
         n, n_after, r = counts[k], counts[k + 1], (k + 1) / steps
         logits = []
         for i, branch_labels in enumerate(branches):

@@ -1,6 +1,7 @@
 """Backend selection for the enat:: ops.
 
-Each op has a `Dispatcher` with one implementation per backend it has. For a given call, a backend
+A backend (`Backend`: reference, Triton, CUDA) says what it needs of the device and the build. Each
+op has a `Dispatcher` with one implementation per backend it has. For a given call, a backend
 answers with the reasons it cannot serve (none means it can): the device, whether the kernel exists
 or the extension is built, and op-specific limits such as dtype or head dim. The dispatcher takes
 the first backend in its order of preference that can serve. `backend=` on the call, or the
@@ -19,7 +20,49 @@ import torch
 
 from . import _library, triton_utils
 
-BACKENDS = ("cuda", "triton", "reference")  # default order of preference
+class Backend:
+    """A kind of kernel. What it needs of the device and the build, whatever the op, is
+    `device_reasons`; each op adds its kernel's own limits (`Dispatcher.register`)."""
+
+    name = None
+
+    def device_reasons(self, device, forced):
+        """Why this backend cannot run on `device` (an empty list when it can). `forced`: the caller
+        asked for this backend by name (Triton then also runs CPU tensors in its interpreter)."""
+        return []
+
+
+class Reference(Backend):
+    """Plain PyTorch: every device."""
+
+    name = "reference"
+
+
+class Triton(Backend):
+    """Triton kernels: CUDA GPUs, or CPU tensors under TRITON_INTERPRET=1 (triton_utils)."""
+
+    name = "triton"
+
+    def device_reasons(self, device, forced):
+        return triton_utils.device_reasons(device, forced)
+
+
+class Cuda(Backend):
+    """The CUDA kernels of the compiled extension enat_kernels._C: CUDA tensors, extension loaded."""
+
+    name = "cuda"
+
+    def device_reasons(self, device, forced):
+        reasons = []
+        if device.type != "cuda":
+            reasons.append(f"the CUDA backend runs on CUDA tensors, these are on {device.type}")
+        if not _library.EXTENSION_LOADED:
+            reasons.append(_library.EXTENSION_ERROR)
+        return reasons
+
+
+REGISTRY = {b.name: b for b in (Cuda(), Triton(), Reference())}
+BACKENDS = tuple(REGISTRY)  # default order of preference
 ENV_BACKEND = "ENAT_KERNELS_BACKEND"
 
 
@@ -39,19 +82,6 @@ def requested_backend(backend):
     if env not in BACKENDS:
         raise ValueError(f"{ENV_BACKEND} must be one of {', '.join(BACKENDS)}, auto or unset, got {env!r}")
     return env, f"{ENV_BACKEND}={env}"
-
-
-def _device_reasons(backend, device, forced):
-    if backend == "cuda":
-        reasons = []
-        if device.type != "cuda":
-            reasons.append(f"the CUDA backend runs on CUDA tensors, these are on {device.type}")
-        if not _library.EXTENSION_LOADED:
-            reasons.append(_library.EXTENSION_ERROR)
-        return reasons
-    if backend == "triton":
-        return triton_utils.device_reasons(device, forced)
-    return []
 
 
 CACHE_LIMIT = 4096  # cached answers per dispatcher; a full cache starts over
@@ -94,7 +124,7 @@ class Dispatcher:
         impl = self.impls.get(backend)
         if impl is None:
             return [f"enat_kernels has no {backend} kernel for {self.op}"]
-        reasons = _device_reasons(backend, device, forced)
+        reasons = REGISTRY[backend].device_reasons(device, forced)
         if impl.why_not is not None:
             reasons = reasons + self._kernel_reasons(backend, impl.why_not, args)
         return reasons
@@ -115,7 +145,7 @@ class Dispatcher:
     def _serves(self, backend, device, args):
         """reasons() == [] without working out every reason: the device comes first."""
         impl = self.impls.get(backend)
-        if impl is None or _device_reasons(backend, device, False):
+        if impl is None or REGISTRY[backend].device_reasons(device, False):
             return False
         return impl.why_not is None or not self._kernel_reasons(backend, impl.why_not, args)
 

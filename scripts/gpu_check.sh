@@ -42,6 +42,14 @@ export TORCH_CUDA_ARCH_LIST MAX_JOBS=${MAX_JOBS:-16}
 ENAT_KERNELS_BUILD_CUDA=1 capped 200 $((OPS_SECONDS + 15)) $PY -m pip install --no-build-isolation --no-deps -v -e . > "$OUT_DIR/build.txt" 2>&1 || status=1
 tail -5 "$OUT_DIR/build.txt"
 $PY -c "import enat_kernels as e; assert e.EXTENSION_LOADED, e.EXTENSION_ERROR; print('CUDA extension loaded')" || status=1
+# Which compiler built _C.so and which libstdc++ it runs against (a mismatch is what hidden visibility
+# and the iostream-free error path guard against).
+SO=$($PY -c "import glob, enat_kernels, os; print(glob.glob(os.path.join(os.path.dirname(enat_kernels.__file__), '_C*.so'))[0])" 2>/dev/null)
+if [ -n "$SO" ]; then
+    echo "_C.so built by: $(readelf -p .comment "$SO" 2>/dev/null | grep -o 'GCC: .*\|clang version .*' | sort -u | tr '\n' ';')"
+    echo "_C.so links: $(ldd "$SO" | grep -E 'libstdc\+\+|libc10\.so' | tr -s ' \t' ' ' | tr '\n' ';')"
+    echo "_C.so exports: $(nm -D --defined-only "$SO" | awk '{print $3}' | grep -vc '^$') symbols"
+fi
 
 step "tests"
 # One Triton config per kernel in the tests (fewer compiles); the benchmarks autotune.
@@ -53,9 +61,11 @@ tail -3 "$OUT_DIR/tests.txt"
 
 # Op benchmarks (the cases not marked `extended`; `make bench` runs all): asymmetric_attention at
 # every generation shape in fp16 and the training shapes in fp16 and bf16, the tiny host-path shapes,
-# token movement at the mid-trajectory row count. Each case: do_bench GPU time, then a few eager calls.
-step "benchmarks: ops (attention trajectory and training shapes, token movement)"
-capped $OPS_SECONDS 15 $PY -m pytest benchmarks/bench_attention.py benchmarks/bench_tokens.py --benchmark-only -q \
+# token movement at the mid-trajectory row count, the adaLN ops at generation and training shapes.
+# Each case: do_bench GPU time, then a few eager calls.
+step "benchmarks: ops (attention trajectory and training shapes, token movement, adaLN)"
+capped $OPS_SECONDS 15 $PY -m pytest benchmarks/bench_attention.py benchmarks/bench_tokens.py benchmarks/bench_adaln.py \
+    --benchmark-only -q \
     -m "not extended" --benchmark-min-rounds=3 --benchmark-max-time=0.05 -p no:cacheprovider -rs \
     --benchmark-columns=median,rounds --benchmark-json="$OUT_DIR/bench.json" > "$OUT_DIR/bench.txt" 2>&1 || status=1
 grep -E "^(FAILED|ERROR)" "$OUT_DIR/bench.txt" | head -10

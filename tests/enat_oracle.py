@@ -1,4 +1,4 @@
-"""An independent float64 implementation of /work/shared/spec/ENAT.md, used as the tests' oracle.
+"""An independent float64 implementation of docs/MODEL.md, used as the tests' oracle.
 
 Written from the spec alone, not from the enat package: one batch row at a time, boolean masks,
 explicit torch.cat of context and self keys, explicit per-head softmax(q k^T * head_dim**-0.5) v,

@@ -1,4 +1,4 @@
-"""An independent fp64 oracle for the enat:: ops, written from the op contract (OPS.md).
+"""An independent fp64 oracle for the enat:: ops, written from the op contract (docs/OPS.md).
 
 Deliberately not the package's reference code: attention concatenates K and V and uses
 torch.softmax in float64; token movement uses per-row Python loops, boolean indexing and sorted().
@@ -166,3 +166,72 @@ def random_tensor(shape, dtype, generator=None):
     if dtype.is_floating_point:
         return torch.randn(shape, dtype=torch.float64, generator=generator).to(dtype)
     return torch.randint(-1000, 1000, shape, dtype=torch.int64, generator=generator).to(dtype)
+
+
+# adaLN (adaln, residual_adaln): LayerNorm over the last dim (biased variance, no affine weights), then
+# x * (1 + scale) + shift with one (shift, scale) row per batch row.
+
+
+def adaln(x, shift, scale, eps=1e-6):
+    """float64 (B, L, d): (x - mean) / sqrt(var + eps) * (1 + scale[b]) + shift[b]. Differentiable."""
+    x = x.double()
+    d = x.shape[-1]
+    mean = x.sum(-1, keepdim=True) / d
+    var = ((x - mean) ** 2).sum(-1, keepdim=True) / d
+    return (x - mean) / torch.sqrt(var + eps) * (1 + scale.double()[:, None, :]) + shift.double()[:, None, :]
+
+
+def residual_adaln(x, y, gate, shift, scale, eps=1e-6):
+    """float64 (x_new, out): x_new = x + gate[b] * y, out = adaln(x_new, shift, scale)."""
+    x_new = x.double() + gate.double()[:, None, :] * y.double()
+    return x_new, adaln(x_new, shift, scale, eps)
+
+
+def adaln_same_dtype(x, shift, scale, eps=1e-6):
+    """The unfused PyTorch computation in the input dtype (F.layer_norm, then modulate): the baseline
+    of the error rule."""
+    normed = torch.nn.functional.layer_norm(x, x.shape[-1:], eps=eps)
+    return normed * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+def residual_adaln_same_dtype(x, y, gate, shift, scale, eps=1e-6):
+    x_new = x + gate[:, None, :] * y
+    return x_new, adaln_same_dtype(x_new, shift, scale, eps)
+
+
+def adaln_error_scales(x, shift, scale, grad_out=None, y=None, gate=None, grad_x_new=None, eps=1e-6):
+    """The magnitude of the terms each adaLN result is summed from, in float64. With x_new = x + gate y
+    (x itself without y), rstd = 1 / sqrt(var(x_new) + eps), xhat the normalised x_new, s = |1 + scale|:
+
+        x_new ~ |x| + |gate| |y|,  out ~ (|x_new| + |mean|) rstd s + |shift|,
+        dn ~ rstd (|g| s + mean_d(|g| s) + |xhat| mean_d(|g| s |xhat|)) + |grad_x_new|   (g = grad_out),
+        dx ~ dn,  dy ~ |gate| dn,  dgate ~ sum_L dn |y|,  dshift ~ sum_L |g|,  dscale ~ sum_L |g| |xhat|.
+
+    Returns {name: largest magnitude}: "out" (and "x_new" with y), and with grad_out the gradient of
+    each input by its name."""
+    x, shift, scale = (t.detach().double() for t in (x, shift, scale))
+    s = (1 + scale[:, None, :]).abs()
+    x_new = x
+    if y is not None:
+        y, gate = y.detach().double(), gate.detach().double()
+        x_new = x + gate[:, None, :] * y
+    mean = x_new.mean(-1, keepdim=True)
+    rstd = 1 / torch.sqrt(((x_new - mean) ** 2).mean(-1, keepdim=True) + eps)
+    xhat = ((x_new - mean) * rstd).abs()
+
+    def biggest(t):
+        return t.abs().max().item() if t.numel() else 0.0
+
+    scales = {"out": biggest((x_new.abs() + mean.abs()) * rstd * s + shift.abs()[:, None, :])}
+    if y is not None:
+        scales["x_new"] = biggest(x.abs() + gate.abs()[:, None, :] * y.abs())
+    if grad_out is not None:
+        g = grad_out.detach().double().abs()
+        gs = g * s
+        dn = rstd * (gs + gs.mean(-1, keepdim=True) + xhat * (gs * xhat).mean(-1, keepdim=True))
+        if grad_x_new is not None:
+            dn = dn + grad_x_new.detach().double().abs()
+        scales.update(x=biggest(dn), shift=biggest(g.sum(1)), scale=biggest((g * xhat).sum(1)))
+        if y is not None:
+            scales.update(y=biggest(gate.abs()[:, None, :] * dn), gate=biggest((dn * y.abs()).sum(1)))
+    return scales

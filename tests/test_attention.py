@@ -1,7 +1,7 @@
 """enat_kernels.ops.asymmetric_attention against the fp64 oracle (tests/oracle.py), on every backend
 that can run in this session.
 
-Forward and gradients follow the FlashAttention rule (OPS.md, Tolerances): the error against the
+Forward and gradients follow the FlashAttention rule (docs/OPS.md, Tolerances): the error against the
 fp64 oracle is at most 2x (forward) or 3x (gradients) the error of the naive same-dtype PyTorch
 computation (cat + matmul + softmax in the input dtype), plus a one-ulp floor. The reference (and
 auto) run on CPU tensors; Triton on the GPU, or on CPU tensors in its interpreter when there is no

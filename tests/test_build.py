@@ -1,9 +1,12 @@
 """setup.py's build switches, run as a user would run them (no compilation happens here)."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,3 +31,20 @@ def test_unknown_build_switch_is_an_error_naming_it():
     result = _setup_py(ENAT_KERNELS_BUILD_CUDA="yes")
     assert result.returncode != 0
     assert "ENAT_KERNELS_BUILD_CUDA must be 0, 1 or unset, got 'yes'" in result.stderr
+
+
+def test_one_compiler_for_cpp_sources_and_nvcc_host():
+    """torch compiles .cpp files with CXX and hands nvcc `-ccbin $CC` only when CC is set: a CXX given
+    alone is used for both."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CC", "CXX", "ENAT_KERNELS_BUILD_CUDA")}
+    result = subprocess.run(
+        [sys.executable, "-c", "import runpy, os; runpy.run_path('setup.py'); print('CC=' + os.environ['CC'])",
+         "--version"],
+        cwd=ROOT, env={**env, "CXX": "g++"}, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    if "CUDA backend skipped" in result.stdout:
+        pytest.skip(result.stdout.strip().splitlines()[0])
+    compiler = shutil.which("g++")
+    assert f"host compiler {compiler})" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == f"CC={compiler}"

@@ -39,7 +39,7 @@ def test_data_parallel_prefix_is_stripped():
     source = perturbed(ENAT, TINY, dtype=torch.float32)
     state = {f"module.{k}": v for k, v in _official(source).items()}
     loaded = enat.load_official(state, TINY)
-    assert torch.equal(loaded.blocks[1].attn.kv.A.weight, source.blocks[1].attn.kv.A.weight)
+    assert torch.equal(loaded.blocks[1].attn.kv_ctx.weight, source.blocks[1].attn.kv_ctx.weight)
 
 
 def test_named_configuration():

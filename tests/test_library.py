@@ -1,33 +1,68 @@
 """The enat:: library: schemas, the compiled extension, and the CUDA build it came from."""
 
 import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import enat_kernels
-from enat_kernels import _library
 
 from helpers import needs_gpu
 
 
-def _schema_of(schema_text):
-    return torch._C.parse_schema("enat::" + schema_text)
+ROOT = Path(__file__).resolve().parents[1]
+CPP_DEFS = re.compile(r'm\.def\("(\w+)\(')
+CPP_IMPLS = re.compile(r'm\.impl\("(\w+)"')
+PY_DEFS = re.compile(r'define\(\s*"(\w+)\(')
 
+# The public ops of the op contract (docs/OPS.md) and the backward-only ops their autograd uses.
+PUBLIC_OPS = {
+    "asymmetric_attention", "asymmetric_attention_backward", "mask_to_index", "gather_tokens", "scatter_tokens",
+    "scatter_tokens_", "split_tokens", "restore_tokens", "merge_cache", "scatter_into_zeros", "zero_rows",
+    "merge_cache_backward", "adaln", "adaln_backward", "residual_adaln", "residual_adaln_backward",
+}
 
-@pytest.mark.parametrize("schema", _library.SCHEMAS, ids=lambda s: s.split("(")[0])
-def test_registered_schema_matches_python_table(schema):
-    """Whether the schemas came from csrc/ops.cpp or from _library.py, they are the same."""
-    expected = _schema_of(schema)
-    op = getattr(torch.ops.enat, expected.name.removeprefix("enat::")).default
-    assert str(op._schema) == str(expected)
-
-
+# The CUDA kernel ops of the extension (csrc/ops.cpp).
 CUDA_KERNELS = [
     "asymmetric_attention_cuda", "gather_tokens_cuda", "mask_to_index_cuda", "scatter_tokens_cuda",
     "scatter_tokens_inplace_cuda", "scatter_into_zeros_cuda", "zero_rows_cuda", "split_tokens_cuda",
     "restore_tokens_cuda", "merge_cache_cuda", "merge_cache_backward_cuda",
 ]
+
+
+def _found(pattern, files):
+    return [m.group(1) for f in files for m in pattern.finditer(f.read_text())]
+
+
+def test_each_public_op_is_defined_once_in_python():
+    """One definition per op: the op modules define every public op (with its router and fake kernel)
+    exactly once, and C++ defines none of them."""
+    defined = _found(PY_DEFS, sorted((ROOT / "enat_kernels" / "ops").glob("*.py")))
+    assert sorted(defined) == sorted(PUBLIC_OPS)
+    registered = {n.removeprefix("enat::") for n in torch._C._dispatch_get_all_op_names() if n.startswith("enat::")}
+    assert PUBLIC_OPS <= registered
+    for name in PUBLIC_OPS:
+        assert str(getattr(torch.ops.enat, name).default._schema).endswith(
+            ("str backend) -> Tensor", "str backend) -> ()", "str backend) -> (Tensor, Tensor)",
+             "str backend) -> (Tensor, Tensor, Tensor)",
+             "str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"))
+
+
+def test_cpp_defines_only_the_cuda_kernels_it_implements():
+    """csrc/ops.cpp defines `*_cuda` schemas only, each implemented once in csrc/cuda and called by a
+    backend in enat_kernels/ops."""
+    defined = _found(CPP_DEFS, [ROOT / "csrc" / "ops.cpp"])
+    assert defined and all(name.endswith("_cuda") for name in defined), defined
+    assert sorted(defined) == sorted(CUDA_KERNELS)
+    assert sorted(_found(CPP_IMPLS, sorted((ROOT / "csrc" / "cuda").glob("*.cu")))) == sorted(defined)
+    python = "".join(f.read_text() for f in (ROOT / "enat_kernels" / "ops").glob("*.py"))
+    for name in defined:
+        assert f"torch.ops.enat.{name}" in python, name
 
 
 def test_extension_is_built_when_required():
@@ -72,3 +107,68 @@ def test_cuda_gather_kernel_on_gpu(dtype, D):
     index = torch.stack([torch.sort(torch.randperm(L - 1, device="cuda")[:n]).values for _ in range(B)])
     for view in (x, padded(x), strided(x), x[:, 1:]):
         assert torch.equal(torch.ops.enat.gather_tokens_cuda(view, index), view[rows, index])
+
+
+def test_extension_exports_only_its_entry_points():
+    """Built with hidden visibility: the only functions the Python module exports are PyInit__C and
+    the C++ API of csrc/enat_kernels.h (enat::*_cuda), so no inline library code it contains can
+    interpose on another library's copy. (Type information of exception and kernel classes stays
+    visible, as C++ requires for exceptions that cross libraries.)"""
+    if not enat_kernels.EXTENSION_LOADED:
+        pytest.skip(f"the extension is not built: {enat_kernels.EXTENSION_ERROR}")
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm (binutils) is not installed")
+    from enat_kernels import _C
+
+    out = subprocess.run([nm, "-D", "--defined-only", "--demangle", _C.__file__], capture_output=True, text=True,
+                         check=True).stdout
+    exported = [line.split(" ", 2)[2] for line in out.splitlines() if line.split(" ")[1] in "TWi"]  # functions
+    api = re.compile(r"^enat::(%s)\(" % "|".join(CUDA_KERNELS))
+    unexpected = [name for name in exported if name != "PyInit__C" and not api.match(name)]
+    assert "PyInit__C" in exported
+    assert not unexpected, unexpected[:20]
+
+
+# Each *_cuda kernel called with a bad argument. Run in a child process, so that a crash in the
+# extension's error path fails the test instead of killing the test run.
+BAD_CALLS = """
+import torch, enat_kernels
+ops = torch.ops.enat
+x = torch.randn(2, 5, 8, device="cuda")
+ix = torch.tensor([[0, 2], [1, 3]], device="cuda")
+mask = torch.zeros(2, 5, dtype=torch.bool, device="cuda")
+mask[:, :2] = True
+q = torch.randn(1, 2, 3, 16, device="cuda", dtype=torch.half)
+calls = {
+    "asymmetric_attention_cuda": lambda: ops.asymmetric_attention_cuda(q[0], q, q, q, q, 0.25),
+    "gather_tokens_cuda": lambda: ops.gather_tokens_cuda(x, ix.int()),
+    "mask_to_index_cuda": lambda: ops.mask_to_index_cuda(mask, -1),
+    "scatter_tokens_cuda": lambda: ops.scatter_tokens_cuda(x, ix, x),
+    "scatter_tokens_inplace_cuda": lambda: ops.scatter_tokens_inplace_cuda(x[:1].expand(2, 5, 8), ix, x[:, :2]),
+    "scatter_into_zeros_cuda": lambda: ops.scatter_into_zeros_cuda(ix, x[:, :2], 1),
+    "zero_rows_cuda": lambda: ops.zero_rows_cuda(x.cpu(), ix),
+    "split_tokens_cuda": lambda: ops.split_tokens_cuda(x, mask, 6),
+    "restore_tokens_cuda": lambda: ops.restore_tokens_cuda(x[:, :3], x[:, :2], mask[:, :4]),
+    "merge_cache_cuda": lambda: ops.merge_cache_cuda(x[:, :2], ix, x[:, :3].half(), ix),
+    "merge_cache_backward_cuda": lambda: ops.merge_cache_backward_cuda(x, ix, ix),
+}
+for name, call in calls.items():
+    print(name, end=" ", flush=True)
+    try:
+        call()
+    except Exception as e:
+        print(type(e).__name__, flush=True)
+    else:
+        print("no error", flush=True)
+"""
+
+
+@needs_gpu
+def test_every_cuda_kernel_raises_on_bad_arguments():
+    """A bad argument to any enat::*_cuda op is a Python exception naming it, never a crash."""
+    result = subprocess.run([sys.executable, "-c", BAD_CALLS], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"the process died ({result.returncode}) after: {result.stdout}\n{result.stderr}"
+    outcomes = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    assert sorted(outcomes) == sorted(CUDA_KERNELS)
+    assert all(v in ("ValueError", "TypeError") for v in outcomes.values()), outcomes

@@ -1,4 +1,4 @@
-"""enat.ENAT and enat.PlainNAT against the independent float64 implementation of ENAT.md in
+"""enat.ENAT and enat.PlainNAT against the independent float64 implementation of docs/MODEL.md in
 enat_oracle.py, with every weight perturbed (the official initialisation zeroes the adaLN layers,
 which would hide most of the block), at the first step, with and without reuse, at a reuse step with
 no critical tokens, at the last step and with nothing masked; the official parameter names;
@@ -7,6 +7,7 @@ torch.compile; gradients; and bad input.
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import enat
 from enat import ENAT, ENATConfig, PlainNAT
@@ -151,7 +152,7 @@ def test_kernel_backends_in_the_model(device, monkeypatch):
 
 
 def test_official_parameter_names():
-    """The names listed in ENAT.md, written out here independently of the model code."""
+    """The names listed in docs/MODEL.md, written out here independently of the model code."""
     d, depth = TINY.width, TINY.depth
     expected = {"x_embedder.word_embeddings.weight", "x_embedder.position_embeddings.weight",
                 "x_embedder.LayerNorm.weight", "x_embedder.LayerNorm.bias", "y_embedder.embedding_table.weight",
@@ -170,6 +171,31 @@ def test_official_parameter_names():
     assert shapes["y_embedder.embedding_table.weight"] == (1001, d)
 
 
+def test_fused_projection_round_trips_the_official_keys():
+    """q and kv.B are one (3d, d) GEMM inside; state_dict() splits it into the official keys and
+    load_state_dict() joins them again, bit for bit, once per load."""
+    source = perturbed(ENAT, TINY, dtype=torch.float32, seed=3)
+    state = source.state_dict()
+    d = TINY.width
+    attn = source.blocks[1].attn
+    assert torch.equal(state["blocks.1.attn.q.weight"], attn.qkv.weight[:d])
+    assert torch.equal(state["blocks.1.attn.kv.B.bias"], attn.qkv.bias[d:])
+    assert torch.equal(state["blocks.1.attn.kv.A.weight"], attn.kv_ctx.weight)
+    target = ENAT(TINY)
+    target.load_state_dict(state)
+    for (name, a), b in zip(source.named_parameters(), target.parameters()):
+        assert torch.equal(a, b), name
+    x = torch.randn(2, 5, d)
+    q, k, v = (t.transpose(1, 2).reshape(2, 5, -1) for t in attn._heads(attn.qkv(x), 3))
+    assert torch.allclose(q, F.linear(x, state["blocks.1.attn.q.weight"], state["blocks.1.attn.q.bias"]),
+                          rtol=1e-5, atol=1e-6)
+    kv = F.linear(x, state["blocks.1.attn.kv.B.weight"], state["blocks.1.attn.kv.B.bias"])
+    assert torch.allclose(torch.cat([k, v], -1), kv, rtol=1e-5, atol=1e-6)
+    del state["blocks.0.attn.kv.B.bias"]
+    with pytest.raises(RuntimeError, match="blocks.0.attn"):
+        ENAT(TINY).load_state_dict(state)
+
+
 @pytest.mark.parametrize(("name", "paper_millions"), [("ENAT-S", 50), ("ENAT-B", 219), ("ENAT-L", 574)])
 def test_parameter_counts_match_the_paper(name, paper_millions):
     """Table 7's counts include the checkpoint's unused prev_embedder MLP (d -> 4d -> d)."""
@@ -185,7 +211,7 @@ def test_initialisation_is_the_official_one():
     model = ENAT(TINY)
     for block in model.blocks:
         assert not block.adaLN_modulation[1].weight.any() and not block.adaLN_modulation[1].bias.any()
-    assert not model.blocks[0].attn.q.bias.any()
+    assert not model.state_dict()["blocks.0.attn.q.bias"].any()
     std = model.x_embedder.word_embeddings.weight.std().item()
     assert 0.015 < std < 0.025
 

@@ -104,6 +104,31 @@ def test_bad_arguments():
         enat.sample(model, LABELS, cfg_scale=float("nan"))
     with pytest.raises(ValueError, match="labels must be on the model's device"):
         enat.sample(model, LABELS.to("meta"))
+    with pytest.raises(ValueError, match="labels must hold at least one class"):
+        enat.sample(model, LABELS[:0])
+    with pytest.raises(ValueError, match="generator must be a torch.Generator or None, got 0"):
+        enat.sample(model, LABELS, generator=0)
+    with pytest.raises(ValueError, match=r"labels must be classes in \[0, 999\] .* got values in \[-1, 17\]"):
+        enat.sample(model, torch.tensor([3, -1, 17]))
+
+
+def test_a_model_in_training_mode_samples_in_eval_mode():
+    """Dropout and label dropout are off while sampling, so a training-mode model gives the ids of
+    eval mode for the same generator; its mode is restored afterwards."""
+    model = perturbed(ENAT, TINY, dtype=torch.float32)
+    expected = enat.sample(model.eval(), LABELS, generator=_gen(7))
+    model.train()
+    for _ in range(2):
+        assert torch.equal(enat.sample(model, LABELS, generator=_gen(7)), expected)
+    assert model.training and all(m.training for m in model.modules())
+
+
+def test_progress_bar_on_request(capsys):
+    model = perturbed(ENAT, TINY, dtype=torch.float32)
+    quiet = enat.sample(model, LABELS, steps=3, generator=_gen(8))
+    assert capsys.readouterr().err == ""
+    shown = enat.sample(model, LABELS, steps=3, generator=_gen(8), progress=True)
+    assert "enat.sample" in capsys.readouterr().err and torch.equal(quiet, shown)
 
 
 @needs_gpu

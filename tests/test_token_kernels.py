@@ -4,13 +4,18 @@ Every op, forward and backward, on every kernel backend that can run in this ses
 the GPU or in its interpreter on CPU tensors (no GPU), CUDA on the GPU. Awkward sizes (n = 0,
 n = L, D = 3, 8, 61, 1024), non-contiguous inputs and NaN past each tensor's logical end. On a GPU
 also: no host sync (torch.cuda.set_sync_debug_mode("error")), CUDA-graph capture, opcheck and
-torch.compile. Token movement is exact, so every comparison is torch.equal.
+torch.compile. The Triton kernels are also called directly: every autotuning config of each, rows
+wider than one tile, mask rows with the wrong count and broken index rows (never out of bounds).
+Token movement is exact, so every comparison is torch.equal.
 """
+
+import sys
 
 import pytest
 import torch
 
 import enat_kernels.ops as K
+from enat_kernels import triton_utils
 
 import helpers
 import oracle
@@ -118,6 +123,171 @@ def test_rows_with_the_wrong_count_never_go_out_of_bounds():
     out = restore_tokens_triton(visible, masked, mask)
     assert not torch.isnan(out).any()
     assert out[1, 3].tolist() == [0.0, 0.0, 0.0]  # the third visible row does not exist
+
+
+# The Triton kernels themselves (enat_kernels/triton_utils.py describes their tiles): every config of
+# every kernel, called directly with `config=`, on shapes that take several programs per batch row and
+# several rows per program with a partial last block, D not a power of two, offset and strided views.
+
+GS = sys.modules["enat_kernels.ops.gather_scatter"]
+SR = sys.modules["enat_kernels.ops.split_restore"]
+MC = sys.modules["enat_kernels.ops.merge_cache"]
+CONFIGS = triton_utils.TOKEN_CONFIGS if triton_utils.triton is not None else []
+
+
+def config_id(c):
+    return f"tile{c.kwargs['TILE_BYTES'] // 1024}k-w{c.num_warps}"
+
+
+def offset_view(t):
+    """A copy of t at a storage offset, every stride padded and the last dim strided by 2, with
+    sentinels (NaN, the int max, True) everywhere else in the storage."""
+    sentinel = float("nan") if t.is_floating_point() else True if t.dtype == torch.bool else torch.iinfo(t.dtype).max
+    *lead, last = t.shape
+    store = torch.full((*(s + 1 for s in lead), 2 * last + 1), sentinel, dtype=t.dtype, device=t.device)
+    view = store[(*(slice(1, None) for _ in lead), slice(1, 2 * last + 1, 2))]
+    view.copy_(t)
+    return view
+
+
+def merge_backward_oracle(grad, fresh_index, cached_index):
+    """(grad rows at the fresh ranks, at the cached ranks) in the merged order."""
+    sides = ([], [])
+    for b in range(grad.shape[0]):
+        union = sorted(fresh_index[b].tolist() + cached_index[b].tolist())
+        for side, index in zip(sides, (fresh_index, cached_index)):
+            ranks = [union.index(p) for p in index[b].tolist()]
+            side.append(grad[b, ranks])
+    return tuple(torch.stack(side) for side in sides)
+
+
+def every_kernel(x, mask, index, src, config, what):
+    """Every Triton token launcher on x (B, L, D), mask (B, L), its index (B, n) and src (B, n, D),
+    against the oracle; merge_cache of the masked rows with every other visible row."""
+    B, L, D = x.shape
+    xc, maskc, indexc, srcc = (t.cpu() for t in (x, mask, index, src))
+    equal(GS.gather_tokens_triton(x, index, config=config), oracle.gather(xc, indexc), f"gather {what}")
+    expected = oracle.scatter(xc, indexc, srcc)
+    equal(GS.scatter_tokens_triton(x, index, src, config=config), expected, f"scatter {what}")
+    base = x.clone()
+    GS.scatter_tokens_inplace_triton(base, index, src, config=config)
+    equal(base, expected, f"scatter_ {what}")
+    zeros = torch.zeros_like(xc)
+    equal(GS.scatter_into_zeros_triton(index, src, L, config=config), oracle.scatter(zeros, indexc, srcc),
+          f"scatter_into_zeros {what}")
+    equal(GS.zero_rows_triton(x, index, config=config), oracle.scatter(xc, indexc, torch.zeros_like(srcc)),
+          f"zero_rows {what}")
+    visible, masked = SR.split_tokens_triton(x, mask, index.shape[1], config=config)
+    ref_visible, ref_masked = oracle.split(xc, maskc)
+    equal(visible, ref_visible, f"split visible {what}")
+    equal(masked, ref_masked, f"split masked {what}")
+    equal(SR.restore_tokens_triton(visible, masked, mask, config=config), xc, f"restore {what}")
+    cached_index = oracle.mask_to_index(~maskc)[:, ::2].contiguous().to(x.device)
+    cached = ref_visible[:, ::2].to(x.device)
+    merged = MC.merge_cache_triton(masked, index, cached, cached_index, config=config)
+    equal(merged, oracle.merge(ref_masked, indexc, cached.cpu(), cached_index.cpu()), f"merge_cache {what}")
+    grad = x[:, : merged.shape[1]]
+    grads = MC.merge_cache_backward_triton(grad, index, cached_index, config=config)
+    wanted = merge_backward_oracle(grad.cpu(), indexc, cached_index.cpu())
+    for got, want, side in zip(grads, wanted, ("fresh", "cached")):
+        equal(got, want, f"merge_cache_backward {side} {what}")
+
+
+# (B, L, n, D, dtype, layout): rows of 4 KB (D = 1000 fp32: 2 to 16 rows per program over the
+# configs) and of a few bytes (D = 3, 61: 64 rows per program), L and B * n never a multiple of that.
+CONFIG_CASES = [
+    (1, 19, 7, 1000, torch.float32, "contiguous"),
+    (2, 150, 70, 3, torch.float16, "offset"),
+    (2, 70, 35, 61, torch.int64, "strided"),
+]
+
+
+def config_case_id(c):
+    return "B{}-L{}-n{}-D{}-{}-{}".format(*c[:4], str(c[4]).removeprefix("torch."), c[5])
+
+
+@helpers.needs_triton
+@pytest.mark.parametrize("case", CONFIG_CASES, ids=config_case_id)
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+def test_every_config_of_every_token_kernel(config, case):
+    B, L, n, D, dtype, layout = case
+    block_d = triton_utils.row_tile(D)[0]
+    args = {"BLOCK_D": block_d, "x": torch.empty(0, dtype=dtype), "TILE_BYTES": config.kwargs["TILE_BYTES"],
+            "rows_key": triton_utils.rows_bucket(L)}
+    block_n = triton_utils.block_rows("x")(args)
+    assert 1 < block_n < L and L % block_n and (B * n) % block_n, f"{block_n} rows per program"
+    g = torch.Generator().manual_seed(L)
+    mask = oracle.random_mask(B, L, n, generator=g)
+    x = oracle.random_tensor((B, L, D), dtype, generator=g)
+    src = oracle.random_tensor((B, n, D), dtype, generator=g)
+    view = {"contiguous": lambda t: t, "offset": offset_view, "strided": helpers.strided}[layout]
+    to = lambda t: view(t.to(helpers.triton_device()))  # noqa: E731
+    every_kernel(to(x), to(mask), to(oracle.mask_to_index(mask)), to(src), config, f"{config_id(config)} {case}")
+
+
+@helpers.needs_triton
+@pytest.mark.parametrize("case", [(1, 4, 2, triton_utils.MAX_BLOCK_D + 61, torch.float32),
+                                  (1, 3, 1, 2 * triton_utils.MAX_BLOCK_D, torch.int8)], ids=lambda c: f"D{c[3]}")
+def test_rows_wider_than_one_tile(case):
+    """D above MAX_BLOCK_D: several programs along D (the last one partial, or all full)."""
+    B, L, n, D, dtype = case
+    g = torch.Generator().manual_seed(D)
+    mask = oracle.random_mask(B, L, n, generator=g)
+    x = oracle.random_tensor((B, L, D), dtype, generator=g)
+    src = oracle.random_tensor((B, n, D), dtype, generator=g)
+    to = lambda t: offset_view(t.to(helpers.triton_device()))  # noqa: E731
+    every_kernel(to(x), to(mask), to(oracle.mask_to_index(mask)), to(src), None, f"D={D}")
+
+
+@helpers.needs_triton
+def test_masks_with_the_wrong_count_stay_in_bounds():
+    """Mask rows with more or fewer True entries than n_masked, on tensors whose storage runs on in
+    NaN: split writes the rows that have a slot (the first n masked, the first L - n visible) and
+    nothing else, restore zero-fills positions whose row does not exist. Several programs per row."""
+    B, L, n, D = 3, 40, 12, 64
+    device = helpers.triton_device()
+    counts = (4, 12, 30)  # fewer, exactly, more
+    mask = torch.zeros(B, L, dtype=torch.bool)
+    for b, count in enumerate(counts):
+        mask[b, torch.randperm(L)[:count]] = True
+    x = torch.randn(B, L, D)
+    config = CONFIGS[-1]  # the smallest tiles: 32 rows of D = 64 fp32 per program
+    visible, masked = SR.split_tokens_triton(helpers.padded(x.to(device)), helpers.padded(mask.to(device)), n,
+                                             config=config)
+    visible_in = helpers.padded(torch.randn(B, L - n, D).to(device))
+    masked_in = helpers.padded(torch.randn(B, n, D).to(device))
+    out = SR.restore_tokens_triton(visible_in, masked_in, helpers.padded(mask.to(device)), config=config).cpu()
+    for b in range(B):
+        m_pos, v_pos = mask[b].nonzero().flatten(), (~mask[b]).nonzero().flatten()
+        k, v = min(len(m_pos), n), min(len(v_pos), L - n)
+        equal(masked[b, :k], x[b, m_pos[:k]], f"split masked row {b}")
+        equal(visible[b, :v], x[b, v_pos[:v]], f"split visible row {b}")
+        expected = torch.zeros(L, D)
+        expected[m_pos[:k]] = masked_in[b, :k].cpu()
+        expected[v_pos[:v]] = visible_in[b, :v].cpu()
+        equal(out[b], expected, f"restore row {b}")
+
+
+@helpers.needs_triton
+def test_broken_index_rows_stay_in_bounds():
+    """Index rows that are not ascending, repeat, or leave [0, L) (the precondition checked only on CPU
+    or in debug mode): the out-of-place scatters and merge_cache, called directly, write every output
+    row from inside the inputs (NaN past their end would show)."""
+    B, L, D = 4, 9, 5
+    device = helpers.triton_device()
+    index = torch.tensor([[8, 3, 5, 0], [2, 2, 2, 2], [-4, 1, 9, 100], [0, 1, 2, 3]])
+    other = torch.tensor([[1, 1, 7], [9, 0, 3], [5, 4, 3], [0, 2, 4]])
+    pad = lambda t: helpers.padded(t.to(device))  # noqa: E731
+    x, src, cached = pad(torch.randn(B, L, D)), pad(torch.randn(B, 4, D)), pad(torch.randn(B, 3, D))
+    for config in CONFIGS[:1] + CONFIGS[-1:]:
+        outs = {
+            "scatter": GS.scatter_tokens_triton(x, pad(index), src, config=config),
+            "scatter_into_zeros": GS.scatter_into_zeros_triton(pad(index), src, L, config=config),
+            "zero_rows": GS.zero_rows_triton(x, pad(index), config=config),
+            "merge_cache": MC.merge_cache_triton(src, pad(index), cached, pad(other), config=config),
+        }
+        for name, out in outs.items():
+            assert not torch.isnan(out).any(), f"{name} {config_id(config)}: read outside its inputs"
 
 
 # GPU only.

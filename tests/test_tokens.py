@@ -1,4 +1,4 @@
-"""Critical-token movement ops against the oracle (tests/oracle.py): exact equality (OPS.md: token
+"""Critical-token movement ops against the oracle (tests/oracle.py): exact equality (docs/OPS.md: token
 movement ops are exact), awkward shapes (n = 0, n = L, L = 1, D in {1, 3, 8, 61, 1024}),
 non-contiguous inputs, NaN-filled memory past the logical end, gradients, opcheck and bad input.
 

@@ -2,18 +2,23 @@
 // natural-log log-sum-exp of the scaled scores, without concatenating the two key segments.
 //
 // Design. One online softmax (running max m and sum l in the log2 domain, fp32 accumulation) walks the
-// context keys and then the self keys; an empty segment is skipped. All inputs are read through their
-// own (b, h, l) strides with 64-bit offsets; the last dimension must be contiguous.
-//  * Tensor-core path (fp16/bf16, compute capability >= 8.0): attn_tc_kernel<T, D_PAD>, D_PAD = D rounded
-//    up to 32, 64 or 128 (padded columns are zero). 4 warps, 64 query rows per block (16 per warp), key
-//    tiles of 64. Q is staged in shared memory once and kept in registers as wmma matrix_a fragments.
-//    Per key tile: K and V are loaded to shared memory (zero beyond D and beyond the segment length);
-//    each warp computes S = Q K^T (16 x 64, wmma, K read as a col_major matrix_b) into its own fp32
-//    scratch; two lanes per row (interleaved columns) mask keys >= segment length, update m and l
-//    (kept in registers), write P = exp2(S * scale * log2(e) - m) as T and rescale the warp's rows of
-//    the fp32 O accumulator (shared memory) by alpha = exp2(m_old - m_new); then O += P V with wmma
-//    (accumulator loaded from / stored back to shared memory). Finally out = O / l for rows < Lq and
-//    columns < D, lse = m * ln(2) + ln(l). Rows >= Lq hold zero queries (finite, never written).
+// joined key range [0, Lc + Ls) ("virtual concatenation": each key row is read from whichever segment holds
+// it, through that segment's own (b, h, l) strides with 64-bit offsets; a tile may straddle the boundary;
+// an empty segment simply contributes no rows). The last dimension must be contiguous.
+//  * Tensor-core path (fp16/bf16, compute capability >= 8.0), FlashAttention-2 style:
+//    attn_tc_kernel<T, D_PAD, WARPS>, D_PAD = D rounded up to 32, 64 or 128 (padded columns are zero in
+//    shared memory, so they change no dot product). Each warp owns 16 query rows; WARPS = 4 (64-row blocks)
+//    or, for D_PAD = 64 and Lq > 64, 8 (128-row blocks); key tiles of 64. Q is loaded once and kept in
+//    registers as mma A fragments (ldmatrix). K/V tiles go through a 2-stage shared-memory pipeline of
+//    16-byte cp.async copies (zero-filled past the key range and past D) when every input allows it
+//    (D % 8 == 0, 16-byte aligned bases, strides multiples of 8 elements), else through a synchronous
+//    element-wise loader into the same buffers. Per tile: S = Q K^T with mma.sync m16n8k16 (K through
+//    ldmatrix), keys >= Lc + Ls masked on the last tile only, row max / sum across the 4 lanes of a quad,
+//    P = exp2(S * scale * log2(e) - m) as one FMA, O rescaled in registers, P rounded to T and used in
+//    registers as the A operand of O += P V (V through ldmatrix.trans). Shared rows are padded by 16
+//    bytes so ldmatrix is free of bank conflicts. Epilogue: lse = (m + log2 l) * ln 2; O / l staged as T
+//    in the warp's rows of the Q tile and written with 16-byte stores (element-wise when D % 8 != 0);
+//    rows >= Lq and columns >= D are never written.
 //  * Simple path (fp32 on any GPU, fp16/bf16 below sm_80, or too little shared memory): one warp per
 //    query row, lanes split D (up to 4 columns each), one warp-shuffle dot product and scalar online
 //    softmax step per key, 4 rows per block.
@@ -22,10 +27,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <cstdint>
 #include <tuple>
 #include <type_traits>
@@ -76,206 +81,438 @@ struct AttnParams {
 };
 
 // ---------------------------------------------------------------------------------------------------
-// Tensor-core path.
+// Tensor-core path (compute capability >= 8.0, fp16 / bf16).
 
-constexpr int kTcWarps = 4;
-constexpr int kTcThreads = kTcWarps * 32;
-constexpr int kBlockM = kTcWarps * 16;  // query rows per block, 16 per warp
-constexpr int kBlockN = 64;             // keys per tile
-static_assert(kBlockM == kBlockN, "Q is staged in the K tile buffer");
+constexpr int kBlockN = 64;  // keys per tile
+constexpr int kStages = 2;   // K/V tiles in shared memory: tile t + 1 loads while tile t is used
 
-// Shared memory layout (byte offsets). Leading dimensions are padded (T: +8 elements = 16 bytes, float:
-// +4 = 16 bytes) to spread banks; every wmma pointer stays 32-byte aligned (checked below).
-template <typename T, int D_PAD>
-struct TcSmem {
-  static constexpr int kLdT = D_PAD + 8;     // K, V (and the Q staging) rows, elements of T
-  static constexpr int kLdO = D_PAD + 4;     // O accumulator rows, floats
-  static constexpr int kLdS = kBlockN + 4;   // per-warp S scratch rows, floats
-  static constexpr int kLdP = kBlockN + 8;   // per-warp P rows, elements of T
-  static constexpr size_t kTileBytes = size_t(kBlockN) * kLdT * sizeof(T);
-  static constexpr size_t kK = 0;
-  static constexpr size_t kV = kK + kTileBytes;
-  static constexpr size_t kS = kV + kTileBytes;
-  static constexpr size_t kP = kS + size_t(kTcWarps) * 16 * kLdS * sizeof(float);
-  static constexpr size_t kO = kP + size_t(kTcWarps) * 16 * kLdP * sizeof(T);
-  static constexpr size_t kInvL = kO + size_t(kBlockM) * kLdO * sizeof(float);
-  static constexpr size_t kBytes = kInvL + size_t(kBlockM) * sizeof(float);
+// Block shape: WARPS warps of 16 query rows each; K/V tiles of kBlockN rows. Shared memory holds the Q
+// tile (reused to stage the output) and kStages (K tile, V tile) pairs, all with a row pitch of D_PAD + 8
+// elements: the 16 extra bytes put the 8 rows that one ldmatrix phase reads on distinct bank groups.
+template <int D_PAD, int WARPS>
+struct TcShape {
+  static constexpr int kThreads = WARPS * 32;
+  static constexpr int kBlockM = WARPS * 16;
+  static constexpr int kLd = D_PAD + 8;                    // row pitch, elements
+  static constexpr int kChunks = D_PAD / 8;                // 16-byte chunks per row
+  static constexpr int kRowsPerPass = kThreads / kChunks;  // rows one pass of the block-wide loader covers
+  static constexpr int kTileElems = kBlockN * kLd;
+  static constexpr int kStageElems = 2 * kTileElems;       // K tile, then V tile
+  static constexpr int kQElems = kBlockM * kLd;
+  static constexpr size_t kBytes = size_t(kQElems + kStages * kStageElems) * 2;
+  // Up to 128 registers per thread for D_PAD <= 64 (4 blocks of 4 warps or 2 of 8 per SM), 255 above.
+  static constexpr int kMinBlocks = D_PAD <= 64 ? 512 / kThreads : 1;
 
   static_assert(D_PAD % 16 == 0 && D_PAD <= kMaxHeadDim, "D_PAD");
-  static_assert(kLdT % 8 == 0 && kLdP % 8 == 0 && kLdO % 4 == 0 && kLdS % 4 == 0, "wmma ldm");
-  static_assert((16 * kLdT * sizeof(T)) % 32 == 0 && (16 * kLdO * sizeof(float)) % 32 == 0 &&
-                    (16 * kLdS * sizeof(float)) % 32 == 0 && (16 * kLdP * sizeof(T)) % 32 == 0,
-                "16-row steps must keep wmma pointers 32-byte aligned");
-  static_assert(kV % 128 == 0 && kS % 128 == 0 && kP % 128 == 0 && kO % 128 == 0 && kInvL % 128 == 0,
-                "section alignment");
+  static_assert(kThreads % kChunks == 0 && kBlockN % kRowsPerPass == 0 && kBlockM % kRowsPerPass == 0,
+                "loader passes must tile the Q and K/V tiles");
+  static_assert((kLd * 2) % 16 == 0 && ((kLd * 2) / 16) % 2 == 1, "row pitch: 16-byte aligned, odd chunks");
 };
 
-// Copies a tile of `rows` rows (row r at src + r * stride_l, D contiguous elements) into dst[kBlockN][ld],
-// zero-filling columns [D, D_PAD) and rows [rows, kBlockN). With `vec` (D % 8 == 0, 16-byte aligned base
-// and strides, 2-byte T) the copy moves 16-byte chunks.
-template <typename T, int D_PAD>
-__device__ __forceinline__ void load_tile(T* __restrict__ dst, int ld, const T* __restrict__ src,
-                                          int64_t stride_l, int rows, int D, bool vec) {
-  if (vec) {
-    constexpr int kChunks = D_PAD / 8;
-    for (int i = threadIdx.x; i < kBlockN * kChunks; i += kTcThreads) {
-      const int r = i / kChunks;
-      const int c = (i - r * kChunks) * 8;
-      uint4 val = make_uint4(0u, 0u, 0u, 0u);
-      if (r < rows && c < D) val = *reinterpret_cast<const uint4*>(src + r * stride_l + c);
-      *reinterpret_cast<uint4*>(dst + r * ld + c) = val;
-    }
+// PTX wrappers. Shared-memory operands are 32-bit shared-window addresses.
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy that bypasses L1; src_bytes = 0 writes zeros and reads nothing.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Waits until at most N committed groups of this thread are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, register i receives it.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+#endif
+}
+
+// The same with each matrix transposed.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+#endif
+}
+
+// d += a (16x16, row-major fragment) * b (16x8, column-major fragment), fp32 accumulation.
+template <typename T> struct Mma;
+template <> struct Mma<__half> {
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+  }
+  // Two floats as one register of two elements, lo in the low half.
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    uint32_t u;
+    memcpy(&u, &v, sizeof(u));
+    return u;
+  }
+};
+template <> struct Mma<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    uint32_t u;
+    memcpy(&u, &v, sizeof(u));
+    return u;
+  }
+};
+
+// One 16-byte chunk (elements [c, c + 8) of a row) into shared memory, zero where the row is out of
+// range or the column is >= D. VEC: cp.async (D % 8 == 0, so a chunk is all in or all out; `dummy` is a
+// valid 16-byte aligned address for the zero-fill case). Otherwise element-wise loads and one 16-byte
+// shared store.
+template <typename T, bool VEC>
+__device__ __forceinline__ void load_chunk(T* dst, const T* row, bool row_ok, int c, int D, const T* dummy) {
+  if constexpr (VEC) {
+    const bool ok = row_ok && c < D;
+    cp_async_16(smem_addr(dst), ok ? static_cast<const void*>(row + c) : static_cast<const void*>(dummy),
+                ok ? 16 : 0);
   } else {
-    const T zero = Cvt<T>::from_float(0.f);
-    for (int i = threadIdx.x; i < kBlockN * D_PAD; i += kTcThreads) {
-      const int r = i / D_PAD;
-      const int c = i - r * D_PAD;
-      dst[r * ld + c] = (r < rows && c < D) ? src[r * stride_l + c] : zero;
+    const uint16_t* const s = reinterpret_cast<const uint16_t*>(row) + c;
+    uint32_t w[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const uint32_t lo = (row_ok && c + 2 * e < D) ? s[2 * e] : 0u;
+      const uint32_t hi = (row_ok && c + 2 * e + 1 < D) ? s[2 * e + 1] : 0u;
+      w[e] = lo | (hi << 16);
     }
+    *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
   }
 }
 
-// Grid: one block per (b, h, 64-row query block), flattened as bh * num_m_blocks + m_block.
-template <typename T, int D_PAD>
-__global__ void __launch_bounds__(kTcThreads)
+// The Q tile: rows [0, rows) from q_rows (row pitch q_sl), zero rows up to kBlockM.
+template <typename T, int D_PAD, int WARPS, bool VEC>
+__device__ __forceinline__ void load_q_tile(T* dst, const T* q_rows, int64_t q_sl, int rows, int D,
+                                            const T* dummy) {
+  using S = TcShape<D_PAD, WARPS>;
+  const int c = (threadIdx.x % S::kChunks) * 8;
+#pragma unroll
+  for (int r = threadIdx.x / S::kChunks; r < S::kBlockM; r += S::kRowsPerPass) {
+    load_chunk<T, VEC>(dst + r * S::kLd + c, q_rows + r * q_sl, r < rows, c, D, dummy);
+  }
+}
+
+// Where key rows come from: the joined range [0, Lc + Ls) ("virtual concatenation"); key j < Lc is row j
+// of the context segment, key j >= Lc row j - Lc of the self segment, each through its own strides.
+template <typename T>
+struct KvSource {
+  const T* k0;  // context K, V at (b, h)
+  const T* v0;
+  const T* k1;  // self K, V at (b, h)
+  const T* v1;
+  int64_t k0_sl, v0_sl, k1_sl, v1_sl;
+  int64_t len0;   // Lc
+  int64_t total;  // Lc + Ls
+};
+
+// K and V rows [n0, n0 + kBlockN) of the joined range into one pipeline stage; rows >= total are zero
+// (so that masked probabilities never meet non-finite V values). Tile row r is row n0 + r of the context
+// segment when n0 + r < Lc, else row n0 + r - Lc of the self segment.
+template <typename T, int D_PAD, int WARPS, bool VEC>
+__device__ __forceinline__ void load_kv_tile(T* ks, T* vs, const KvSource<T>& src, int64_t n0, int D,
+                                             const T* dummy) {
+  using S = TcShape<D_PAD, WARPS>;
+  const int64_t ctx_left = src.len0 - n0;
+  const int64_t all_left = src.total - n0;
+  const int ctx_rows = static_cast<int>(ctx_left < 0 ? 0 : (ctx_left < kBlockN ? ctx_left : kBlockN));
+  const int valid_rows = static_cast<int>(all_left < kBlockN ? all_left : kBlockN);  // >= 1
+  // Row 0 of the tile in each segment's coordinates (outside the segment when the tile does not reach
+  // it; such rows are never read).
+  const T* const k0 = src.k0 + n0 * src.k0_sl;
+  const T* const v0 = src.v0 + n0 * src.v0_sl;
+  const T* const k1 = src.k1 + (n0 - src.len0) * src.k1_sl;
+  const T* const v1 = src.v1 + (n0 - src.len0) * src.v1_sl;
+  const int c = (threadIdx.x % S::kChunks) * 8;
+#pragma unroll
+  for (int r = threadIdx.x / S::kChunks; r < kBlockN; r += S::kRowsPerPass) {
+    const bool ctx = r < ctx_rows;
+    const bool ok = r < valid_rows;
+    load_chunk<T, VEC>(ks + r * S::kLd + c, ctx ? k0 + r * src.k0_sl : k1 + r * src.k1_sl, ok, c, D, dummy);
+    load_chunk<T, VEC>(vs + r * S::kLd + c, ctx ? v0 + r * src.v0_sl : v1 + r * src.v1_sl, ok, c, D, dummy);
+  }
+}
+
+// Grid: one block per (b, h, kBlockM-row query block), flattened as bh * num_m_blocks + m_block.
+// vec: all inputs allow 16-byte cp.async (see can_vectorize); otherwise the synchronous loader.
+template <typename T, int D_PAD, int WARPS>
+__global__ void __launch_bounds__(TcShape<D_PAD, WARPS>::kThreads, TcShape<D_PAD, WARPS>::kMinBlocks)
     attn_tc_kernel(const AttnParams<T> p, int64_t num_m_blocks, bool vec) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  using namespace nvcuda;
-  using L = TcSmem<T, D_PAD>;
-  constexpr int kDTiles = D_PAD / 16;
-  constexpr int kNTiles = kBlockN / 16;
+  using S = TcShape<D_PAD, WARPS>;
+  constexpr int kKSteps = D_PAD / 16;   // k-steps of S = Q K^T (16 columns of D each)
+  constexpr int kSTiles = kBlockN / 8;  // n-tiles of S (8 keys each)
+  constexpr int kOTiles = D_PAD / 8;    // n-tiles of O (8 columns each)
 
   extern __shared__ __align__(128) unsigned char smem[];
-  T* const Ks = reinterpret_cast<T*>(smem + L::kK);
-  T* const Vs = reinterpret_cast<T*>(smem + L::kV);
-  float* const Ss = reinterpret_cast<float*>(smem + L::kS);
-  T* const Ps = reinterpret_cast<T*>(smem + L::kP);
-  float* const Os = reinterpret_cast<float*>(smem + L::kO);
-  float* const inv_l = reinterpret_cast<float*>(smem + L::kInvL);
+  T* const q_smem = reinterpret_cast<T*>(smem);
+  T* const kv_smem = q_smem + S::kQElems;
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
+  const int g = lane >> 2;   // mma fragment row group
+  const int tg = lane & 3;   // thread in group
   const int64_t blk = blockIdx.x;
   const int64_t bh = blk / num_m_blocks;
-  const int64_t m0 = (blk - bh * num_m_blocks) * kBlockM;
+  const int64_t m0 = (blk - bh * num_m_blocks) * S::kBlockM;
   const int64_t b = bh / p.H;
   const int64_t h = bh - b * p.H;
-  const int rows_q = static_cast<int>(p.Lq - m0 < kBlockM ? p.Lq - m0 : kBlockM);
+  const int rows_q = static_cast<int>(p.Lq - m0 < S::kBlockM ? p.Lq - m0 : S::kBlockM);
+  const int D = p.D;
+  const int64_t row0 = bh * p.Lq + m0;  // first output / lse row of the block
+  const T* const dummy = p.q;
 
-  // Stage the Q tile in the K buffer, zero the O accumulator, and keep this warp's 16 rows of Q in
-  // registers.
-  load_tile<T, D_PAD>(Ks, L::kLdT, p.q + b * p.q_stride[0] + h * p.q_stride[1] + m0 * p.q_stride[2],
-                      p.q_stride[2], rows_q, p.D, vec);
-  for (int i = threadIdx.x; i < kBlockM * L::kLdO; i += kTcThreads) Os[i] = 0.f;
-  __syncthreads();
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qf[kDTiles];
+  KvSource<T> src;
+  src.k0 = p.k[0] + b * p.k_stride[0][0] + h * p.k_stride[0][1];
+  src.v0 = p.v[0] + b * p.v_stride[0][0] + h * p.v_stride[0][1];
+  src.k1 = p.k[1] + b * p.k_stride[1][0] + h * p.k_stride[1][1];
+  src.v1 = p.v[1] + b * p.v_stride[1][0] + h * p.v_stride[1][1];
+  src.k0_sl = p.k_stride[0][2];
+  src.v0_sl = p.v_stride[0][2];
+  src.k1_sl = p.k_stride[1][2];
+  src.v1_sl = p.v_stride[1][2];
+  src.len0 = p.len[0];
+  src.total = p.len[0] + p.len[1];
+  const int n_tiles = static_cast<int>((src.total + kBlockN - 1) / kBlockN);  // >= 1
+
+  auto load_stage = [&](int tile) {
+    T* const ks = kv_smem + (tile % kStages) * S::kStageElems;
+    if (vec) {
+      load_kv_tile<T, D_PAD, WARPS, true>(ks, ks + S::kTileElems, src, int64_t(tile) * kBlockN, D, dummy);
+    } else {
+      load_kv_tile<T, D_PAD, WARPS, false>(ks, ks + S::kTileElems, src, int64_t(tile) * kBlockN, D, dummy);
+    }
+  };
+
+  // Prologue: Q and the first kStages - 1 K/V tiles, one commit group per tile (Q rides with tile 0).
+  {
+    const T* const q_rows = p.q + b * p.q_stride[0] + h * p.q_stride[1] + m0 * p.q_stride[2];
+    if (vec) {
+      load_q_tile<T, D_PAD, WARPS, true>(q_smem, q_rows, p.q_stride[2], rows_q, D, dummy);
+    } else {
+      load_q_tile<T, D_PAD, WARPS, false>(q_smem, q_rows, p.q_stride[2], rows_q, D, dummy);
+    }
 #pragma unroll
-  for (int kd = 0; kd < kDTiles; ++kd) {
-    wmma::load_matrix_sync(qf[kd], Ks + warp * 16 * L::kLdT + kd * 16, L::kLdT);
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < n_tiles) load_stage(s);
+      cp_async_commit();
+    }
   }
-  __syncthreads();  // the first key tile overwrites Ks
+  cp_async_wait<kStages - 2>();
+  __syncthreads();
 
-  float* const Sw = Ss + warp * 16 * L::kLdS;  // this warp's S scratch [16][kLdS]
-  T* const Pw = Ps + warp * 16 * L::kLdP;      // this warp's P [16][kLdP]
-  float* const Ow = Os + warp * 16 * L::kLdO;  // this warp's O rows [16][kLdO]
-  const int srow = lane >> 1;  // softmax: row within the warp's 16 rows
-  const int shalf = lane & 1;  // softmax: this lane takes columns shalf, shalf + 2, ...
-  float m_i = -INFINITY;       // running max of the scaled scores (log2 domain), same in both lanes
-  float l_i = 0.f;             // running sum of exp2(score - m_i), same in both lanes
-
-#pragma unroll 1
-  for (int seg = 0; seg < 2; ++seg) {
-    const int64_t len = p.len[seg];
-    if (len == 0) continue;
-    const T* const kbase = p.k[seg] + b * p.k_stride[seg][0] + h * p.k_stride[seg][1];
-    const T* const vbase = p.v[seg] + b * p.v_stride[seg][0] + h * p.v_stride[seg][1];
-    const int64_t ksl = p.k_stride[seg][2];
-    const int64_t vsl = p.v_stride[seg][2];
-
-    for (int64_t n0 = 0; n0 < len; n0 += kBlockN) {
-      const int valid = static_cast<int>(len - n0 < kBlockN ? len - n0 : kBlockN);  // >= 1
-      load_tile<T, D_PAD>(Ks, L::kLdT, kbase + n0 * ksl, ksl, valid, p.D, vec);
-      load_tile<T, D_PAD>(Vs, L::kLdT, vbase + n0 * vsl, vsl, valid, p.D, vec);
-      __syncthreads();
-
-      // S[i][j] = sum_d Q[warp*16 + i][d] * K[j][d]. matrix_b (d x key) col_major: element (d, j) at
-      // Ks[j * kLdT + d].
+  // This warp's 16 query rows as mma A fragments, kept in registers for the whole key loop. Lane i
+  // addresses row i % 16, column half i / 16 of each 16x16 block: matrices (rows 0-7 | 8-15) x
+  // (columns 0-7 | 8-15) land in registers 0..3 as the m16n8k16 A layout wants.
+  uint32_t qf[kKSteps][4];
+  {
+    const T* const base = q_smem + (warp * 16 + (lane & 15)) * S::kLd + (lane >> 4) * 8;
 #pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> sf;
-        wmma::fill_fragment(sf, 0.f);
+    for (int kk = 0; kk < kKSteps; ++kk) ldmatrix_x4(qf[kk], smem_addr(base + kk * 16));
+  }
+  // exp2(s * scale_log2 - m) with the row max taken over raw scores needs scale_log2 >= 0: a negative
+  // scale is moved onto Q (sign flips are exact).
+  if (p.scale_log2 < 0.f) {
 #pragma unroll
-        for (int kd = 0; kd < kDTiles; ++kd) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kf;
-          wmma::load_matrix_sync(kf, Ks + nt * 16 * L::kLdT + kd * 16, L::kLdT);
-          wmma::mma_sync(sf, qf[kd], kf, sf);
-        }
-        wmma::store_matrix_sync(Sw + nt * 16, sf, L::kLdS, wmma::mem_row_major);
-      }
-      __syncwarp();
-
-      // Online softmax on row srow: two lanes per row, combined with a shuffle.
-      {
-        const float* const s_row = Sw + srow * L::kLdS;
-        T* const p_row = Pw + srow * L::kLdP;
-        float mx = -INFINITY;
-#pragma unroll 8
-        for (int i = 0; i < kBlockN / 2; ++i) {
-          const int c = 2 * i + shalf;
-          if (c < valid) mx = fmaxf(mx, s_row[c] * p.scale_log2);
-        }
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        const float m_new = fmaxf(m_i, mx);          // finite: the tile has a valid key
-        const float alpha = exp2f(m_i - m_new);      // 0 on the first tile (m_i = -inf)
-        float sum = 0.f;
-#pragma unroll 8
-        for (int i = 0; i < kBlockN / 2; ++i) {
-          const int c = 2 * i + shalf;
-          const float e = c < valid ? exp2f(s_row[c] * p.scale_log2 - m_new) : 0.f;
-          p_row[c] = Cvt<T>::from_float(e);
-          sum += e;
-        }
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        l_i = l_i * alpha + sum;
-        m_i = m_new;
-        float* const o_row = Ow + srow * L::kLdO;
-#pragma unroll 8
-        for (int i = 0; i < D_PAD / 2; ++i) o_row[2 * i + shalf] *= alpha;
-      }
-      __syncwarp();
-
-      // O[i][d] += sum_j P[i][j] * V[j][d]. matrix_b (key x d) row_major: element (j, d) at
-      // Vs[j * kLdT + d].
+    for (int kk = 0; kk < kKSteps; ++kk) {
 #pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> of;
-        wmma::load_matrix_sync(of, Ow + dt * 16, L::kLdO, wmma::mem_row_major);
-#pragma unroll
-        for (int nt = 0; nt < kNTiles; ++nt) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pf;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vf;
-          wmma::load_matrix_sync(pf, Pw + nt * 16, L::kLdP);
-          wmma::load_matrix_sync(vf, Vs + nt * 16 * L::kLdT + dt * 16, L::kLdT);
-          wmma::mma_sync(of, pf, vf, of);
-        }
-        wmma::store_matrix_sync(Ow + dt * 16, of, L::kLdO, wmma::mem_row_major);
-      }
-      __syncthreads();  // K, V are overwritten by the next tile
+      for (int i = 0; i < 4; ++i) qf[kk][i] ^= 0x80008000u;
     }
   }
 
-  // Epilogue: lse per row, then out = O / l written cooperatively (rows < Lq, columns < D).
-  if (shalf == 0) {
-    const int r = warp * 16 + srow;
-    inv_l[r] = 1.f / l_i;
-    if (r < rows_q) p.lse[bh * p.Lq + m0 + r] = m_i * kLn2 + logf(l_i);
+  // Warps whose 16 rows are all >= Lq only help load.
+  const bool active = warp * 16 < rows_q;
+  // Accumulator fragments: o[j] holds O rows g (elements 0, 1) and g + 8 (2, 3), columns 8j + 2tg + {0, 1}.
+  float o[kOTiles][4];
+#pragma unroll
+  for (int j = 0; j < kOTiles; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY};  // rows g, g + 8: running max of scaled scores (log2 domain)
+  float row_sum[2] = {0.f, 0.f};              // this lane's share of the running sum of exp2(score - max)
+
+  // Per-lane ldmatrix offsets (elements). K (non-transposed, B of Q K^T): matrices (keys 0-7 | 8-15) x
+  // (d 0-7 | 8-15) ordered (k0 d0, k0 d8, k8 d0, k8 d8): registers {0, 1} are the b fragment of the first
+  // 8 keys, {2, 3} of the next 8. V (transposed, B of P V): matrices ordered (k0 d0, k8 d0, k0 d8, k8 d8):
+  // registers {0, 1} are the b fragment of columns 0-7, {2, 3} of columns 8-15.
+  const int k_off = ((lane & 7) + ((lane >> 4) << 3)) * S::kLd + ((lane >> 3) & 1) * 8;
+  const int v_off = ((lane & 7) + (((lane >> 3) & 1) << 3)) * S::kLd + (lane >> 4) * 8;
+
+  const float scale_log2 = fabsf(p.scale_log2);
+
+#pragma unroll 1
+  for (int t = 0; t < n_tiles; ++t) {
+    cp_async_wait<kStages - 2>();  // tile t has landed (this thread's part) ...
+    __syncthreads();               // ... everyone's, and every warp is done with tile t - 1
+    {
+      const int next = t + kStages - 1;
+      if (next < n_tiles) load_stage(next);  // into the stage tile t - 1 used
+      cp_async_commit();
+    }
+    if (!active) continue;
+
+    const T* const ks = kv_smem + (t % kStages) * S::kStageElems;
+    const T* const vs = ks + S::kTileElems;
+    const uint32_t k_base = smem_addr(ks + k_off);
+    const uint32_t v_base = smem_addr(vs + v_off);
+
+    // S = Q K^T for this warp's 16 rows and the tile's 64 keys.
+    float s[kSTiles][4];
+#pragma unroll
+    for (int j = 0; j < kSTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+#pragma unroll
+      for (int jp = 0; jp < kSTiles / 2; ++jp) {
+        uint32_t kb[4];
+        ldmatrix_x4(kb, k_base + (jp * 16 * S::kLd + kk * 16) * 2);
+        Mma<T>::run(s[2 * jp], qf[kk], kb[0], kb[1]);
+        Mma<T>::run(s[2 * jp + 1], qf[kk], kb[2], kb[3]);
+      }
+    }
+
+    // Online softmax. Only the last tile can reach past the joined key range.
+    const int64_t n0 = int64_t(t) * kBlockN;
+    const bool ragged = n0 + kBlockN > src.total;
+    const int limit = static_cast<int>(src.total - n0);  // valid keys in this tile when ragged
+    if (ragged) {
+#pragma unroll
+      for (int j = 0; j < kSTiles; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if (j * 8 + 2 * tg + (e & 1) >= limit) s[j][e] = -INFINITY;
+        }
+      }
+    }
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < kSTiles; ++j) {
+      mx[0] = fmaxf(mx[0], fmaxf(s[j][0], s[j][1]));
+      mx[1] = fmaxf(mx[1], fmaxf(s[j][2], s[j][3]));
+    }
+    float m_new[2], alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {  // the 4 lanes of a quad share rows g and g + 8
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      m_new[r] = fmaxf(row_max[r], mx[r] * scale_log2);  // finite: every tile has a valid key
+      alpha[r] = exp2f(row_max[r] - m_new[r]);           // 0 on the first tile
+      row_max[r] = m_new[r];
+    }
+#pragma unroll
+    for (int j = 0; j < kSTiles; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] = exp2f(fmaf(s[j][e], scale_log2, -m_new[e >> 1]));
+    }
+    if (ragged) {  // exact zeros even when scale is 0
+#pragma unroll
+      for (int j = 0; j < kSTiles; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if (j * 8 + 2 * tg + (e & 1) >= limit) s[j][e] = 0.f;
+        }
+      }
+    }
+    float sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < kSTiles; ++j) {
+      sum[0] += s[j][0] + s[j][1];
+      sum[1] += s[j][2] + s[j][3];
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * alpha[r] + sum[r];
+#pragma unroll
+    for (int j = 0; j < kOTiles; ++j) {
+      o[j][0] *= alpha[0];
+      o[j][1] *= alpha[0];
+      o[j][2] *= alpha[1];
+      o[j][3] *= alpha[1];
+    }
+
+    // O += P V. The S accumulators of key tiles 2kk and 2kk + 1, rounded to T, are exactly the A fragment
+    // of keys [16kk, 16kk + 16): (row g, keys 2tg..), (row g + 8, ..), (row g, keys 8 + 2tg..), (row g + 8, ..).
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      uint32_t pa[4];
+      pa[0] = Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+      pa[1] = Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+      pa[2] = Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[3] = Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int dp = 0; dp < D_PAD / 16; ++dp) {
+        uint32_t vb[4];
+        ldmatrix_x4_trans(vb, v_base + (kk * 16 * S::kLd + dp * 16) * 2);
+        Mma<T>::run(o[2 * dp], pa, vb[0], vb[1]);
+        Mma<T>::run(o[2 * dp + 1], pa, vb[2], vb[3]);
+      }
+    }
   }
-  __syncthreads();
-  T* const out = p.out + (bh * p.Lq + m0) * p.D;
-  for (int i = threadIdx.x; i < rows_q * p.D; i += kTcThreads) {
-    const int r = i / p.D;
-    const int c = i - r * p.D;
-    out[i] = Cvt<T>::from_float(Os[r * L::kLdO + c] * inv_l[r]);
+
+  // Epilogue (active warps): quad sums, lse, then O / l as T staged in this warp's own rows of the Q tile
+  // (read only by this warp, long ago) and written with 16-byte stores when D % 8 == 0. Rows >= Lq and
+  // columns >= D are never written.
+  if (!active) return;
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = row_sum[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    inv[r] = 1.f / l;
+    const int row = warp * 16 + g + 8 * r;
+    if (tg == 0 && row < rows_q) p.lse[row0 + row] = (row_max[r] + log2f(l)) * kLn2;
+  }
+  T* const stage = q_smem + warp * 16 * S::kLd;
+#pragma unroll
+  for (int j = 0; j < kOTiles; ++j) {
+    const int c = j * 8 + 2 * tg;
+    *reinterpret_cast<uint32_t*>(stage + g * S::kLd + c) = Mma<T>::pack(o[j][0] * inv[0], o[j][1] * inv[0]);
+    *reinterpret_cast<uint32_t*>(stage + (g + 8) * S::kLd + c) = Mma<T>::pack(o[j][2] * inv[1], o[j][3] * inv[1]);
+  }
+  __syncwarp();
+  const int rows_w = rows_q - warp * 16 < 16 ? rows_q - warp * 16 : 16;
+  T* const out = p.out + (row0 + warp * 16) * D;  // rows_w contiguous rows of D elements
+  if (D % 8 == 0) {
+    const int chunks = D / 8;
+    for (int i = lane; i < rows_w * chunks; i += 32) {
+      const int r = i / chunks;
+      const int c = (i - r * chunks) * 8;
+      *reinterpret_cast<uint4*>(out + r * D + c) = *reinterpret_cast<const uint4*>(stage + r * S::kLd + c);
+    }
+  } else {
+    for (int i = lane; i < rows_w * D; i += 32) {
+      const int r = i / D;
+      out[i] = stage[r * S::kLd + (i - r * D)];
+    }
   }
 #elif defined(__CUDA_ARCH__)
   __trap();  // the host only launches this kernel on compute capability >= 8.0
@@ -404,18 +641,20 @@ bool can_vectorize(const at::Tensor& q, const at::Tensor& k_ctx, const at::Tenso
   return ok(q) && ok(k_ctx) && ok(v_ctx) && ok(k_self) && ok(v_self);
 }
 
-template <typename T, int D_PAD>
+template <typename T, int D_PAD, int WARPS>
 bool launch_tc(const AttnParams<T>& p, int64_t B, bool vec, const cudaDeviceProp& props) {
-  const size_t smem = TcSmem<T, D_PAD>::kBytes;
+  using S = TcShape<D_PAD, WARPS>;
+  const size_t smem = S::kBytes;
   if (smem > props.sharedMemPerBlockOptin) return false;
-  const int64_t num_m_blocks = (p.Lq + kBlockM - 1) / kBlockM;
+  const int64_t num_m_blocks = (p.Lq + S::kBlockM - 1) / S::kBlockM;
   const int64_t blocks = B * p.H * num_m_blocks;
-  TORCH_CHECK(blocks <= INT32_MAX, "enat: asymmetric_attention_cuda: too many query blocks (", blocks, ")");
-  auto kernel = attn_tc_kernel<T, D_PAD>;
+  ENAT_CHECK_VALUE(blocks <= INT32_MAX, "asymmetric_attention_cuda: too many query blocks (", blocks, ")");
+  auto kernel = attn_tc_kernel<T, D_PAD, WARPS>;
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
-  kernel<<<static_cast<unsigned>(blocks), kTcThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p, num_m_blocks, vec);
+  kernel<<<static_cast<unsigned>(blocks), S::kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p, num_m_blocks,
+                                                                                                vec);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
@@ -423,7 +662,7 @@ bool launch_tc(const AttnParams<T>& p, int64_t B, bool vec, const cudaDeviceProp
 template <typename T>
 void launch_simple(const AttnParams<T>& p) {
   const int64_t blocks = (p.rows + kSimpleWarps - 1) / kSimpleWarps;
-  TORCH_CHECK(blocks <= INT32_MAX, "enat: asymmetric_attention_cuda: too many query rows (", p.rows, ")");
+  ENAT_CHECK_VALUE(blocks <= INT32_MAX, "asymmetric_attention_cuda: too many query rows (", p.rows, ")");
   attn_simple_kernel<T><<<static_cast<unsigned>(blocks), kSimpleThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -439,11 +678,12 @@ void run(const at::Tensor& q, const at::Tensor& k_ctx, const at::Tensor& v_ctx, 
       const int64_t B = q.size(0);
       bool launched;
       if (p.D <= 32) {
-        launched = launch_tc<T, 32>(p, B, vec, props);
+        launched = launch_tc<T, 32, 4>(p, B, vec, props);
       } else if (p.D <= 64) {
-        launched = launch_tc<T, 64>(p, B, vec, props);
+        // 128-row blocks halve the K/V traffic per query row; short queries keep 64-row blocks.
+        launched = p.Lq > 64 ? launch_tc<T, 64, 8>(p, B, vec, props) : launch_tc<T, 64, 4>(p, B, vec, props);
       } else {
-        launched = launch_tc<T, 128>(p, B, vec, props);
+        launched = launch_tc<T, 128, 4>(p, B, vec, props);
       }
       if (launched) return;
     }
@@ -467,8 +707,8 @@ std::tuple<at::Tensor, at::Tensor> asymmetric_attention_cuda(const at::Tensor& q
   ENAT_CHECK_DIM("k_self", k_self, 4);
   ENAT_CHECK_DIM("v_self", v_self, 4);
   const auto dtype = q.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
-                   "enat: q must be float16, bfloat16 or float32, got ", ::enat::describe(q));
+  ENAT_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
+                  "q must be float16, bfloat16 or float32, got ", ::enat::describe(q));
   ENAT_CHECK_DTYPE("k_ctx", k_ctx, dtype);
   ENAT_CHECK_DTYPE("v_ctx", v_ctx, dtype);
   ENAT_CHECK_DTYPE("k_self", k_self, dtype);
@@ -490,11 +730,11 @@ std::tuple<at::Tensor, at::Tensor> asymmetric_attention_cuda(const at::Tensor& q
   ENAT_CHECK_LAST_DIM_CONTIGUOUS("v_ctx", v_ctx);
   ENAT_CHECK_LAST_DIM_CONTIGUOUS("k_self", k_self);
   ENAT_CHECK_LAST_DIM_CONTIGUOUS("v_self", v_self);
-  TORCH_CHECK_VALUE(q.size(3) >= 1 && q.size(3) <= kMaxHeadDim, "enat: q.shape[3] (head dim) must be in [1, ",
-                    kMaxHeadDim, "], got ", ::enat::describe(q));
-  TORCH_CHECK_VALUE(k_ctx.size(2) + k_self.size(2) > 0,
-                    "enat: k_ctx and k_self are both empty (no keys to attend to), got ", ::enat::describe(k_ctx),
-                    " and ", ::enat::describe(k_self));
+  ENAT_CHECK_VALUE(q.size(3) >= 1 && q.size(3) <= kMaxHeadDim, "q.shape[3] (head dim) must be in [1, ",
+                   kMaxHeadDim, "], got ", ::enat::describe(q));
+  ENAT_CHECK_VALUE(k_ctx.size(2) + k_self.size(2) > 0,
+                   "k_ctx and k_self are both empty (no keys to attend to), got ", ::enat::describe(k_ctx), " and ",
+                   ::enat::describe(k_self));
 
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);

@@ -1,9 +1,10 @@
 // gather_tokens: out[b, j, :] = x[b, index[b, j], :].
 //
-// The copy is dtype-agnostic: rows are moved as bytes in the widest chunk (16, 8, 4, 2 or 1 bytes)
-// that divides the row size, both row strides and the base address, so aligned fp16/bf16 rows with
-// D % 8 == 0 use 16-byte loads and stores (rows.cuh). A block covers `rows_per_block` output rows with
-// `threads_per_row` threads each; offsets are 64-bit.
+// The row machinery of rows.cuh (design at the top of tokens.cu): persistent blocks take contiguous
+// ranges of tiles (up to 256 output rows of one batch row); per tile, thread t loads index[b, j0 + t]
+// once and writes the pointer pair of row t into a shared table, then groups of 1..32 lanes move the
+// rows, two at a time, with every lane's chunks (64 bytes per row for 16-byte chunks) loaded before
+// any is stored. Rows move as raw bytes in the widest aligned chunk (16/8/4/2/1 bytes); 64-bit offsets.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -18,15 +19,31 @@
 namespace enat {
 namespace {
 
+struct GatherParams {
+  rows::InRows x;
+  rows::IndexRows index;
+  rows::OutRows out;
+  rows::Plan plan;
+};
+
 template <int Bytes>
-__global__ void __launch_bounds__(rows::kRowThreads)
-    gather_rows_kernel(const rows::InRows x, const rows::IndexRows index, const rows::OutRows out, int64_t total_rows,
-                       int64_t chunks) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-  if (row >= total_rows) return;
-  const int64_t b = row / index.n;
-  const int64_t j = row - b * index.n;
-  rows::copy_row<Bytes>(out.row(b, j), x.row(b, index.at(b, j)), chunks, threadIdx.x, blockDim.x);
+__global__ void __launch_bounds__(rows::kThreads, rows::kBlocksPerSM) gather_rows_kernel(const GatherParams p) {
+  __shared__ rows::Table table;
+  const rows::UnitRange range = rows::unit_range(p.plan.units);
+  const int t = threadIdx.x;
+  int buf = 0;
+  for (int64_t u = range.begin; u < range.end; ++u, buf ^= 1) {
+    const int64_t b = u / p.plan.tiles_per_row;
+    const int64_t j0 = (u - b * p.plan.tiles_per_row) * p.plan.tile;
+    const int64_t rest = p.index.n - j0;
+    const int len = rest < p.plan.tile ? static_cast<int>(rest) : p.plan.tile;
+    if (t < len) {
+      table.from[buf][t] = p.x.row(b, p.index.at(b, j0 + t));
+      table.to[buf][t] = p.out.row(b, j0 + t);
+    }
+    __syncthreads();
+    rows::move_tile<Bytes>(table.from[buf], table.to[buf], len, p.plan.chunks, p.plan.lanes);
+  }
 }
 
 }  // namespace
@@ -45,19 +62,12 @@ at::Tensor gather_tokens_cuda(const at::Tensor& x, const at::Tensor& index) {
   if (out.numel() == 0) return out;
 
   const int64_t row_bytes = x.size(2) * x.element_size();
-  const rows::InRows x_rows = rows::in_rows(x);
-  const rows::OutRows out_rows = rows::out_rows(out);
-  const int width = rows::widest_chunk(row_bytes, x_rows, out_rows);
-  const int64_t chunks = row_bytes / width;
-  const rows::Geometry g = rows::geometry(chunks);
-  const int64_t total_rows = out.size(0) * out.size(1);
-  const int64_t blocks = (total_rows + g.rows_per_block - 1) / g.rows_per_block;
-  TORCH_CHECK(blocks <= INT32_MAX, "enat: gather_tokens_cuda: too many rows (", total_rows, ")");
-  const dim3 block(g.threads_per_row, g.rows_per_block);
+  GatherParams p{rows::in_rows(x), rows::index_rows(index), rows::out_rows(out), {}};
+  const int width = rows::widest_chunk(row_bytes, p.x, p.out);
+  p.plan = rows::plan(out.size(0), out.size(1), row_bytes, width);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   rows::dispatch_chunk(width, [&](auto w) {
-    gather_rows_kernel<decltype(w)::value><<<static_cast<unsigned>(blocks), block, 0, stream>>>(
-        x_rows, rows::index_rows(index), out_rows, total_rows, chunks);
+    gather_rows_kernel<decltype(w)::value><<<p.plan.grid, rows::kThreads, 0, stream>>>(p);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

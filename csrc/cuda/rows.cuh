@@ -1,29 +1,47 @@
-// Row-copy machinery shared by the token-movement kernels (gather_tokens.cu, tokens.cu).
+// Row-copy machinery shared by the token-movement kernels (gather_tokens.cu, tokens.cu); the design is
+// described at the top of tokens.cu.
 //
 // Token tensors are (B, rows, D) of any dtype with a contiguous last dimension; a row is moved as raw
 // bytes in chunks of 16, 8, 4, 2 or 1 bytes. The chunk is the widest one that divides the row size
 // and, for every tensor a kernel touches, its base address and both byte strides, so every chunk
-// access is naturally aligned. A row is moved by a group of `threads_per_row` consecutive threads
-// (threadIdx.x), `rows_per_block` groups per block (threadIdx.y). All offsets are 64-bit.
+// access is naturally aligned. All offsets are 64-bit.
+//
+// Work is cut into tiles: `tile` consecutive items (rows) of one batch row. A block of kThreads
+// threads takes a contiguous range of tiles (persistent blocks, grid = SMs x kBlocksPerSM at most);
+// for each tile it first writes a table of (source row, destination row) pointers into shared memory
+// (indices, ranks and positions are computed there once per tile), then moves the tile's rows with
+// groups of `lanes` threads (1..32, a power of two; kThreads / lanes groups per block).
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
 namespace enat {
 namespace rows {
 
-inline constexpr int kRowThreads = 256;  // threads per block of a row kernel
+inline constexpr int kThreads = 256;     // threads per block of a row kernel
+inline constexpr int kWarps = kThreads / 32;
+inline constexpr int kTile = kThreads;   // most items per tile: one per thread in the table phase
+inline constexpr int kMinTile = 8;       // fewest items per tile the planner picks
+inline constexpr int kBlocksPerSM = 3;   // resident blocks per SM (__launch_bounds__ minimum)
+static_assert(kThreads % 32 == 0 && kTile <= kThreads, "whole warps, one table slot per thread");
 
 template <int Bytes> struct Chunk;
 template <> struct Chunk<16> { using type = uint4; };
 template <> struct Chunk<8> { using type = uint2; };
-template <> struct Chunk<4> { using type = uint32_t; };
-template <> struct Chunk<2> { using type = uint16_t; };
-template <> struct Chunk<1> { using type = uint8_t; };
+template <> struct Chunk<4> { using type = unsigned int; };
+template <> struct Chunk<2> { using type = unsigned short; };
+template <> struct Chunk<1> { using type = unsigned char; };
+
+// Chunks a lane loads (into registers) per row before it stores any: 64 bytes for 16- and 8-byte
+// chunks, 8 chunks below. A group moves two rows at once, so a lane has up to twice that in flight.
+template <int Bytes> inline constexpr int kVec = Bytes >= 8 ? 64 / Bytes : 8;
+inline int vec_of(int width) { return width >= 8 ? 64 / width : 8; }
 
 // Rows of a (B, rows, D) tensor: base pointer and byte strides of the first two dimensions. The
 // stride of a dimension of size 1 is stored as 0 (it only ever multiplies index 0), so it neither
@@ -67,19 +85,6 @@ struct IndexRows {
   int64_t n;
 
   __host__ __device__ __forceinline__ int64_t at(int64_t b, int64_t j) const { return data[b * stride_b + j * stride_n]; }
-  // Number of entries of row b that are < value (lower bound; the row is ascending). In [0, n].
-  __host__ __device__ __forceinline__ int64_t count_less(int64_t b, int64_t value) const {
-    int64_t lo = 0, hi = n;  // entries [0, lo) are < value, entries [hi, n) are >= value
-    while (lo < hi) {
-      const int64_t mid = lo + (hi - lo) / 2;
-      if (at(b, mid) < value) {
-        lo = mid + 1;
-      } else {
-        hi = mid;
-      }
-    }
-    return lo;
-  }
 };
 
 inline IndexRows index_rows(const at::Tensor& index) {
@@ -107,52 +112,125 @@ void dispatch_chunk(int width, F&& f) {
   }
 }
 
-// Block shape for rows of `chunks` chunks: threads_per_row (a power of two, >= chunks up to the
-// block size) times rows_per_block == kRowThreads.
-struct Geometry {
-  int threads_per_row;
-  int rows_per_block;
+// ---------------------------------------------------------------------------------------------
+// Launch plan (host).
+
+struct Plan {
+  int64_t chunks;         // chunks per row
+  int lanes;              // threads per row: 1..32, a power of two
+  int tile;               // items per tile, a power of two in [kMinTile, kTile]
+  int64_t tiles_per_row;  // tiles per batch row
+  int64_t units;          // tiles in all, B * tiles_per_row
+  int grid;               // blocks: min(units, SMs * kBlocksPerSM)
 };
-inline Geometry geometry(int64_t chunks) {
-  int t = 1;
-  while (t < chunks && t < kRowThreads) t *= 2;
-  return {t, kRowThreads / t};
+
+// Plan for B batch rows of `items` rows each (both > 0), rows of row_bytes (> 0) bytes in chunks of
+// `width`. Lanes per row: the fewest (a power of two, at most a warp) that cover the row with kVec
+// chunks each. Tile: the largest that still gives every resident block about two tiles or more.
+inline Plan plan(int64_t B, int64_t items, int64_t row_bytes, int width) {
+  Plan p{};
+  p.chunks = row_bytes / width;
+  const int64_t vec = vec_of(width);
+  p.lanes = 1;
+  while (p.lanes < 32 && p.lanes * vec < p.chunks) p.lanes *= 2;
+  const int64_t cap = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * kBlocksPerSM;
+  p.tile = kTile;
+  auto tiles = [&](int64_t t) { return (items + t - 1) / t; };
+  while (p.tile > kMinTile && B * tiles(p.tile) < 2 * cap) p.tile /= 2;
+  p.tiles_per_row = tiles(p.tile);
+  p.units = B * p.tiles_per_row;
+  p.grid = static_cast<int>(std::min<int64_t>(p.units, cap));
+  return p;
 }
 
-// Copies one row of `chunks` chunks with the `lanes` threads of a group (this thread is `lane`).
-// Two chunks per thread are loaded before they are stored when the row is long enough.
-template <int Bytes>
-__device__ __forceinline__ void copy_row(char* __restrict__ to, const char* __restrict__ from, int64_t chunks,
-                                         int lane, int lanes) {
-  using T = typename Chunk<Bytes>::type;
-  const T* __restrict__ src = reinterpret_cast<const T*>(from);
-  T* __restrict__ dst = reinterpret_cast<T*>(to);
-  const int64_t step = lanes;
-  int64_t c = lane;
-  for (; c + step < chunks; c += 2 * step) {
-    const T v0 = src[c], v1 = src[c + step];
-    dst[c] = v0;
-    dst[c + step] = v1;
+// ---------------------------------------------------------------------------------------------
+// Device side.
+
+// The contiguous range [begin, end) of the `units` tiles that this block takes (sizes differ by at most one).
+struct UnitRange {
+  int64_t begin, end;
+};
+__device__ __forceinline__ UnitRange unit_range(int64_t units) {
+  const int64_t k = blockIdx.x, grid = gridDim.x;
+  const int64_t per = units / grid, extra = units % grid;
+  const int64_t begin = k * per + (k < extra ? k : extra);
+  return {begin, begin + per + (k < extra ? 1 : 0)};
+}
+
+// Pointer table of one tile: item t moves from[t] (nullptr: zero-fill) to to[t] (nullptr: skip).
+// Double-buffered by tile parity, so one __syncthreads per tile separates writing and reading it.
+struct Table {
+  const char* from[2][kTile];
+  char* to[2][kTile];
+};
+
+// Smallest i in [lo, hi) with !pred(i), or hi when pred holds on all of it; pred is monotone (true
+// then false). The 32 lanes of a warp call it together (it is a 32-ary search: each round tests 32
+// pivots, about log32(hi - lo) rounds). For any pred the result is in [lo, hi].
+template <typename Pred>
+__device__ __forceinline__ int64_t warp_partition(int64_t lo, int64_t hi, Pred pred) {
+  const int lane = threadIdx.x & 31;
+  while (lo < hi) {
+    const int64_t n = hi - lo;
+    const int64_t x = n <= 32 ? lo + lane : lo + ((lane + 1) * n) / 32 - 1;
+    const unsigned ball = __ballot_sync(0xffffffffu, x < hi && pred(x));
+    if (ball == 0xffffffffu) return hi;  // pred(hi - 1) holds
+    const int m = __ffs(~ball) - 1;      // first pivot where pred fails
+    if (n <= 32) return lo + m;
+    const int64_t next_hi = lo + ((m + 1) * n) / 32 - 1;  // pred(next_hi) fails
+    lo = m == 0 ? lo : lo + (m * n) / 32;                 // pred holds at the pivot before
+    hi = next_hi;
   }
-  if (c < chunks) dst[c] = src[c];
+  return lo;
 }
 
-// Zero-fills one row, as copy_row.
+// Moves one pair of rows (to0 / to1 nullptr: skip; from nullptr: zero-fill) with the `lanes` threads
+// of a group, this one being `lane`. Every lane loads kVec chunks of each row before it stores any;
+// chunk c goes to lane c % lanes, so each load and store instruction is coalesced across the group.
+// Source rows are read once and destination rows written once: streaming hints (.cs) on both.
 template <int Bytes>
-__device__ __forceinline__ void zero_row(char* __restrict__ to, int64_t chunks, int lane, int lanes) {
+__device__ __forceinline__ void move_pair(char* to0, const char* from0, char* to1, const char* from1, int64_t chunks,
+                                          int lane, int lanes) {
   using T = typename Chunk<Bytes>::type;
-  T* __restrict__ dst = reinterpret_cast<T*>(to);
-  const T zero{};
-  for (int64_t c = lane; c < chunks; c += lanes) dst[c] = zero;
+  constexpr int V = kVec<Bytes>;
+  const T* __restrict__ src0 = reinterpret_cast<const T*>(from0);
+  const T* __restrict__ src1 = reinterpret_cast<const T*>(from1);
+  T* __restrict__ dst0 = reinterpret_cast<T*>(to0);
+  T* __restrict__ dst1 = reinterpret_cast<T*>(to1);
+  const bool load0 = to0 != nullptr && from0 != nullptr, load1 = to1 != nullptr && from1 != nullptr;
+  const int64_t step = static_cast<int64_t>(lanes) * V;
+  for (int64_t c0 = lane; c0 < chunks; c0 += step) {
+    T a[V], b[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int64_t c = c0 + static_cast<int64_t>(k) * lanes;
+      a[k] = T{};
+      b[k] = T{};
+      if (c < chunks) {
+        if (load0) a[k] = __ldcs(src0 + c);
+        if (load1) b[k] = __ldcs(src1 + c);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int64_t c = c0 + static_cast<int64_t>(k) * lanes;
+      if (c < chunks) {
+        if (dst0 != nullptr) __stcs(dst0 + c, a[k]);
+        if (dst1 != nullptr) __stcs(dst1 + c, b[k]);
+      }
+    }
+  }
 }
 
-// copy_row, or zero_row when from is nullptr.
+// Moves the `len` rows of a tile table: group g takes items g, g + groups, ... two at a time.
 template <int Bytes>
-__device__ __forceinline__ void move_row(char* to, const char* from, int64_t chunks, int lane, int lanes) {
-  if (from != nullptr) {
-    copy_row<Bytes>(to, from, chunks, lane, lanes);
-  } else {
-    zero_row<Bytes>(to, chunks, lane, lanes);
+__device__ __forceinline__ void move_tile(const char* const* from, char* const* to, int len, int64_t chunks, int lanes) {
+  const int tid = threadIdx.x;
+  const int lane = tid & (lanes - 1);
+  const int groups = kThreads / lanes;
+  for (int t = tid / lanes; t < len; t += 2 * groups) {
+    const int u = t + groups;
+    move_pair<Bytes>(to[t], from[t], u < len ? to[u] : nullptr, u < len ? from[u] : nullptr, chunks, lane, lanes);
   }
 }
 

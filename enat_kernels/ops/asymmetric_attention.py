@@ -17,7 +17,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .. import triton_utils
 from .. import _library
-from .._library import register_cuda_fake, register_router
+from .._library import define, register_cuda_fake
 from ..backends import CACHE_LIMIT, ENV_BACKEND, Dispatcher, signature
 from . import _checks
 
@@ -556,23 +556,22 @@ def _backward_router(grad_out, q, k_ctx, v_ctx, k_self, v_self, out, lse, scale,
     return BACKWARD.run(backend, q.device, grad_out, q, k_ctx, v_ctx, k_self, v_self, out, lse, scale)
 
 
-register_router("asymmetric_attention", _forward_router)
-register_router("asymmetric_attention_backward", _backward_router)
-
-
-@torch.library.register_fake("enat::asymmetric_attention")
 def _forward_fake(q, k_ctx, v_ctx, k_self, v_self, scale, backend=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
         q.shape[:3], dtype=_accumulator_dtype(q.dtype)
     )
 
 
-register_cuda_fake("asymmetric_attention_cuda", _forward_fake)
-
-
-@torch.library.register_fake("enat::asymmetric_attention_backward")
 def _backward_fake(grad_out, q, k_ctx, v_ctx, k_self, v_self, out, lse, scale, backend):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k_ctx, v_ctx, k_self, v_self))
+
+
+define("asymmetric_attention(Tensor q, Tensor k_ctx, Tensor v_ctx, Tensor k_self, Tensor v_self, float scale, "
+       "str backend) -> (Tensor, Tensor)", _forward_router, _forward_fake)
+define("asymmetric_attention_backward(Tensor grad_out, Tensor q, Tensor k_ctx, Tensor v_ctx, Tensor k_self, "
+       "Tensor v_self, Tensor out, Tensor lse, float scale, str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+       _backward_router, _backward_fake)
+register_cuda_fake("asymmetric_attention_cuda", _forward_fake)
 
 
 def _setup(ctx, inputs, output):

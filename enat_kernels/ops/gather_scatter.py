@@ -7,14 +7,19 @@ and the backward of a scatter is a gather plus a copy with those rows zeroed, wi
 values are checked for CPU tensors, and for CUDA tensors with ENAT_KERNELS_DEBUG=1 (a host sync);
 the fast path does not check them.
 
-Each kernel is one launch. The out-of-place scatters write every output row once: a row finds
-whether it is replaced by a binary search of its position in the (ascending) index row.
+Triton: each op is one launch of one of two kernels, with the tiles and configs of triton_utils
+(BLOCK_N rows of D elements per program, no loop over D). gather and the in-place scatter copy
+BLOCK_N of the B * n (row, index entry) pairs: the index is read once per program, the rows move
+as one tile. The out-of-place scatters (and the two backward ops) write every output row once, a
+tile of BLOCK_N positions per program: one search of the index row finds the entries at or above
+the tile's first position, and the BLOCK_N entries from there tell each position whether it is
+replaced and by which src row (a [BLOCK_N, BLOCK_N] comparison, no search per row).
 """
 
 import torch
 
 from .. import triton_utils
-from .._library import register_cuda_fake, register_router
+from .._library import define, register_cuda_fake
 from ..backends import Dispatcher
 from . import _checks
 
@@ -62,142 +67,135 @@ TRITON_DTYPES = (
 
 if triton is not None:
 
-    @triton.autotune(
-        configs=triton_utils.autotune_configs(
-            [
-                triton.Config({"BLOCK_N": 4, "BLOCK_D": 256}, num_warps=4),
-                triton.Config({"BLOCK_N": 2, "BLOCK_D": 512}, num_warps=4),
-                triton.Config({"BLOCK_N": 1, "BLOCK_D": 1024}, num_warps=4),
-                triton.Config({"BLOCK_N": 8, "BLOCK_D": 128}, num_warps=4),
-            ]
-        ),
-        key=["D", "SRC_INDEXED", "DST_INDEXED"],
-    )
+    @triton.autotune(configs=triton_utils.autotune_configs(triton_utils.TOKEN_CONFIGS),
+                     key=["rows_key", "BLOCK_D", "SRC_INDEXED"])
+    @triton.heuristics({"BLOCK_N": triton_utils.block_rows("src_ptr")})
     @triton.jit
     def _copy_rows_kernel(
-        src_ptr, dst_ptr, index_ptr, n, D,
+        src_ptr, dst_ptr, index_ptr, n, rows, D, rows_key,
         src_stride_b, src_stride_l, src_stride_d, dst_stride_b, dst_stride_l, dst_stride_d,
         index_stride_b, index_stride_n,
-        SRC_INDEXED: tl.constexpr, DST_INDEXED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        SRC_INDEXED: tl.constexpr, TILE_BYTES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        EVEN_D: tl.constexpr,
     ):
-        """dst[b, r_dst(j)] = src[b, r_src(j)] for j < n, with r(j) = index[b, j] on the indexed side, j on the other."""
-        pid = tl.program_id(0)
-        blocks_per_row = tl.cdiv(n, BLOCK_N)
-        b = (pid // blocks_per_row).to(tl.int64)
-        j = (pid % blocks_per_row) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = j < n
-        position = tl.load(index_ptr + b * index_stride_b + j.to(tl.int64) * index_stride_n, mask=row_ok, other=0)
-        src_row = position if SRC_INDEXED else j.to(tl.int64)
-        dst_row = position if DST_INDEXED else j.to(tl.int64)
-        src = src_ptr + b * src_stride_b + src_row[:, None] * src_stride_l
-        dst = dst_ptr + b * dst_stride_b + dst_row[:, None] * dst_stride_l
-        for d0 in range(0, D, BLOCK_D):
-            cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
-            m = row_ok[:, None] & (cols[None, :] < D)
-            value = tl.load(src + cols[None, :] * src_stride_d, mask=m)
-            tl.store(dst + cols[None, :] * dst_stride_d, value, mask=m)
+        """dst[b, r_dst(j)] = src[b, r_src(j)] for BLOCK_N of the rows = B * n pairs (b, j), with
+        r(j) = index[b, j] on the indexed side and j on the other."""
+        pair = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = pair < rows
+        b = pair // n
+        j = pair - b * n
+        position = tl.load(index_ptr + b * index_stride_b + j * index_stride_n, mask=ok, other=0)
+        src_row = position if SRC_INDEXED else j
+        dst_row = j if SRC_INDEXED else position
+        columns = triton_utils.row_tile_columns(BLOCK_D)
+        m = triton_utils.tile_mask(ok, columns, D, EVEN_D)
+        src = src_ptr + (b * src_stride_b + src_row * src_stride_l)[:, None] + columns[None, :] * src_stride_d
+        dst = dst_ptr + (b * dst_stride_b + dst_row * dst_stride_l)[:, None] + columns[None, :] * dst_stride_d
+        tl.store(dst, tl.load(src, mask=m, eviction_policy="evict_first"), mask=m)
 
-    @triton.autotune(
-        configs=triton_utils.autotune_configs(
-            [
-                triton.Config({"BLOCK_L": 4, "BLOCK_D": 256}, num_warps=4),
-                triton.Config({"BLOCK_L": 2, "BLOCK_D": 512}, num_warps=4),
-                triton.Config({"BLOCK_L": 1, "BLOCK_D": 1024}, num_warps=4),
-                triton.Config({"BLOCK_L": 8, "BLOCK_D": 128}, num_warps=4),
-            ]
-        ),
-        key=["D", "HAS_BASE", "HAS_SRC"],
-    )
+    @triton.autotune(configs=triton_utils.autotune_configs(triton_utils.TOKEN_CONFIGS),
+                     key=["rows_key", "BLOCK_D", "HAS_BASE", "HAS_SRC"])
+    @triton.heuristics({"BLOCK_N": triton_utils.block_rows("out_ptr")})
     @triton.jit
     def _scatter_rows_kernel(
-        base_ptr, src_ptr, index_ptr, out_ptr, L, n, D, steps,
+        base_ptr, src_ptr, index_ptr, out_ptr, L, n, D, rows_key, rounds,
         base_stride_b, base_stride_l, base_stride_d, src_stride_b, src_stride_n, src_stride_d,
         index_stride_b, index_stride_n, out_stride_b, out_stride_l,
-        HAS_BASE: tl.constexpr, HAS_SRC: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_BASE: tl.constexpr, HAS_SRC: tl.constexpr, TILE_BYTES: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PROBES: tl.constexpr,
     ):
-        """out[b, l] = src[b, j] where index[b, j] == l, else base[b, l]; a missing base or src is zeros."""
-        pid = tl.program_id(0)
-        blocks_per_row = tl.cdiv(L, BLOCK_L)
-        b = (pid // blocks_per_row).to(tl.int64)
-        pos = (pid % blocks_per_row) * BLOCK_L + tl.arange(0, BLOCK_L)
-        pos_ok = pos < L
+        """out[b, l] = src[b, j] where index[b, j] == l, else base[b, l] (zeros for a missing base or
+        src), for the BLOCK_N positions l0 <= l < l0 + BLOCK_N of one row b."""
+        tiles = tl.cdiv(L, BLOCK_N)
+        b = (tl.program_id(0) // tiles).to(tl.int64)
+        l0 = (tl.program_id(0) % tiles) * BLOCK_N
         index_row = index_ptr + b * index_stride_b
-        j = triton_utils.lower_bound(index_row, index_stride_n, n, pos.to(tl.int64), steps)
-        hit = tl.load(index_row + j.to(tl.int64) * index_stride_n, mask=pos_ok & (j < n), other=-1) == pos
-        from_src = pos_ok & hit
-        from_base = pos_ok & ~hit
-        rows = pos[:, None].to(tl.int64)
-        src = src_ptr + b * src_stride_b + j[:, None].to(tl.int64) * src_stride_n
-        base = base_ptr + b * base_stride_b + rows * base_stride_l
-        out = out_ptr + b * out_stride_b + rows * out_stride_l
-        for d0 in range(0, D, BLOCK_D):
-            cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
-            d_ok = cols[None, :] < D
-            value = tl.zeros([BLOCK_L, BLOCK_D], out_ptr.dtype.element_ty)
-            if HAS_SRC:
-                value = tl.load(src + cols[None, :] * src_stride_d, mask=from_src[:, None] & d_ok, other=value)
-            if HAS_BASE:
-                value = tl.load(base + cols[None, :] * base_stride_d, mask=from_base[:, None] & d_ok, other=value)
-            tl.store(out + cols[None, :], value, mask=pos_ok[:, None] & d_ok)
+        # first = #(entries < l0): at least l0 - (L - n) (the positions missing from the index), at most
+        # min(l0, n). The entries of the tile are among the BLOCK_N from there on.
+        first = triton_utils.search(index_row, index_stride_n, tl.maximum(l0 - (L - n), 0), tl.minimum(l0, n), l0,
+                                    index_row, 0, 0, rounds, MERGE_PATH=False, PROBES=PROBES)
+        k = tl.arange(0, BLOCK_N)
+        entry = tl.load(index_row + (first + k).to(tl.int64) * index_stride_n, mask=first + k < n, other=L,
+                        eviction_policy="evict_last")
+        pos = l0 + k
+        pos_ok = pos < L
+        hit = tl.sum((entry[None, :] == pos[:, None]).to(tl.int32), 1) > 0
+        j = first + tl.sum((entry[None, :] < pos[:, None]).to(tl.int32), 1)  # < n where hit
+        columns = triton_utils.row_tile_columns(BLOCK_D)
+        rows = pos.to(tl.int64)
+        value = tl.zeros([BLOCK_N, BLOCK_D], out_ptr.dtype.element_ty)
+        if HAS_SRC:
+            src_rows = b * src_stride_b + j.to(tl.int64) * src_stride_n
+            src = src_ptr + src_rows[:, None] + columns[None, :] * src_stride_d
+            value = tl.load(src, mask=triton_utils.tile_mask(pos_ok & hit, columns, D, EVEN_D), other=value,
+                            eviction_policy="evict_first")
+        if HAS_BASE:
+            base_rows = b * base_stride_b + rows * base_stride_l
+            base = base_ptr + base_rows[:, None] + columns[None, :] * base_stride_d
+            value = tl.load(base, mask=triton_utils.tile_mask(pos_ok & ~hit, columns, D, EVEN_D), other=value,
+                            eviction_policy="evict_first")
+        out = out_ptr + (b * out_stride_b + rows * out_stride_l)[:, None] + columns[None, :]
+        tl.store(out, value, mask=triton_utils.tile_mask(pos_ok, columns, D, EVEN_D))
 
 
-def _copy_rows_triton(src, dst, index, src_indexed):
+def _copy_rows_triton(src, dst, index, src_indexed, config):
     """Gather (src_indexed) or scatter rows between src and dst along dim 1 at index (B, n)."""
     B, n = index.shape
     D = dst.shape[2]
     if B == 0 or n == 0 or D == 0:
         return
-
-    def grid(meta):
-        return (B * triton.cdiv(n, meta["BLOCK_N"]),)
-
-    _copy_rows_kernel[grid](
-        src, dst, index, n, D, *src.stride(), *dst.stride(), *index.stride(),
-        SRC_INDEXED=src_indexed, DST_INDEXED=not src_indexed,
-    )
+    block_d, even_d, d_tiles = triton_utils.row_tile(D)
+    args = (src, dst, index, n, B * n, D, triton_utils.rows_bucket(B * n),
+            *src.stride(), *dst.stride(), *index.stride())
+    triton_utils.launch(_copy_rows_kernel, lambda m: (triton.cdiv(B * n, m["BLOCK_N"]), d_tiles), args,
+                        dict(SRC_INDEXED=src_indexed, BLOCK_D=block_d, EVEN_D=even_d), config)
 
 
-def _scatter_rows_triton(base, index, src, L, like):
-    """A new contiguous (B, L, D) from base (or zeros) with rows at index from src (or zeros)."""
+def _scatter_rows_triton(base, index, src, L, like, config):
+    """A new contiguous (B, L, D) from base (B, L, D) (or zeros) with the rows at index (B, n) from
+    src (B, n, D) (or zeros)."""
     B, n = index.shape
     D = like.shape[2]
     out = like.new_empty((B, L, D))
     if out.numel() == 0:
         return out
-
-    def grid(meta):
-        return (B * triton.cdiv(L, meta["BLOCK_L"]),)
-
-    dummy = (0, 0, 0)
-    _scatter_rows_kernel[grid](
-        out if base is None else base, out if src is None else src, index, out, L, n, D,
-        triton_utils.search_steps(n), *(dummy if base is None else base.stride()),
-        *(dummy if src is None else src.stride()), *index.stride(), out.stride(0), out.stride(1),
-        HAS_BASE=base is not None, HAS_SRC=src is not None,
-    )
+    block_d, even_d, d_tiles = triton_utils.row_tile(D)
+    unused = (0, 0, 0)
+    args = (out if base is None else base, out if src is None else src, index, out, L, n, D,
+            triton_utils.rows_bucket(L), triton_utils.search_rounds(min(n, L - n)),
+            *(unused if base is None else base.stride()), *(unused if src is None else src.stride()),
+            *index.stride(), out.stride(0), out.stride(1))
+    meta = dict(HAS_BASE=base is not None, HAS_SRC=src is not None, BLOCK_D=block_d, EVEN_D=even_d,
+                PROBES=triton_utils.SEARCH_PROBES)
+    triton_utils.launch(_scatter_rows_kernel, lambda m: (B * triton.cdiv(L, m["BLOCK_N"]), d_tiles), args, meta, config)
     return out
 
 
-def gather_tokens_triton(x, index):
+def gather_tokens_triton(x, index, *, config=None):
+    """x (B, L, D), index (B, n) -> (B, n, D). `config` (a triton.Config) bypasses autotuning."""
     out = x.new_empty((x.shape[0], index.shape[1], x.shape[2]))
-    _copy_rows_triton(x, out, index, src_indexed=True)
+    _copy_rows_triton(x, out, index, True, config)
     return out
 
 
-def scatter_tokens_inplace_triton(base, index, src):
-    _copy_rows_triton(src, base, index, src_indexed=False)
+def scatter_tokens_inplace_triton(base, index, src, *, config=None):
+    """base (B, L, D) at index (B, n) <- src (B, n, D), in place."""
+    _copy_rows_triton(src, base, index, False, config)
 
 
-def scatter_tokens_triton(base, index, src):
-    return _scatter_rows_triton(base, index, src, base.shape[1], base)
+def scatter_tokens_triton(base, index, src, *, config=None):
+    """base (B, L, D), index (B, n), src (B, n, D) -> (B, L, D)."""
+    return _scatter_rows_triton(base, index, src, base.shape[1], base, config)
 
 
-def scatter_into_zeros_triton(index, src, L):
-    return _scatter_rows_triton(None, index, src, L, src)
+def scatter_into_zeros_triton(index, src, L, *, config=None):
+    """index (B, n), src (B, n, D) -> (B, L, D), zeros off the index."""
+    return _scatter_rows_triton(None, index, src, L, src, config)
 
 
-def zero_rows_triton(x, index):
-    return _scatter_rows_triton(x, index, None, x.shape[1], x)
+def zero_rows_triton(x, index, *, config=None):
+    """x (B, L, D), index (B, n) -> (B, L, D) with the rows at index zeroed."""
+    return _scatter_rows_triton(x, index, None, x.shape[1], x, config)
 
 
 def triton_why_not(**tensors):
@@ -274,13 +272,6 @@ def _zero_rows_router(x, index, backend):
     return ZERO_ROWS.run(backend, x.device, x, index)
 
 
-register_router("gather_tokens", _gather_router)
-register_router("scatter_tokens", _scatter_router)
-register_router("scatter_tokens_", _scatter_inplace_router)
-register_router("scatter_into_zeros", _scatter_zeros_router)
-register_router("zero_rows", _zero_rows_router)
-
-
 def _gather_fake(x, index, backend=None):
     return x.new_empty((x.shape[0], index.shape[1], x.shape[2]))
 
@@ -301,14 +292,14 @@ def _zero_rows_fake(x, index, backend=None):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-for _name, _fake in (
-    ("gather_tokens", _gather_fake),
-    ("scatter_tokens", _scatter_fake),
-    ("scatter_tokens_", _scatter_inplace_fake),
-    ("scatter_into_zeros", _scatter_zeros_fake),
-    ("zero_rows", _zero_rows_fake),
-):
-    torch.library.register_fake(f"enat::{_name}")(_fake)
+define("gather_tokens(Tensor x, Tensor index, str backend) -> Tensor", _gather_router, _gather_fake)
+define("scatter_tokens(Tensor base, Tensor index, Tensor src, str backend) -> Tensor", _scatter_router, _scatter_fake)
+define("scatter_tokens_(Tensor(a!) base, Tensor index, Tensor src, str backend) -> ()", _scatter_inplace_router,
+       _scatter_inplace_fake)
+# The two backward-only ops, one launch each.
+define("scatter_into_zeros(Tensor index, Tensor src, SymInt L, str backend) -> Tensor", _scatter_zeros_router,
+       _scatter_zeros_fake)
+define("zero_rows(Tensor x, Tensor index, str backend) -> Tensor", _zero_rows_router, _zero_rows_fake)
 register_cuda_fake("gather_tokens_cuda", _gather_fake)
 register_cuda_fake("scatter_tokens_cuda", _scatter_fake)
 register_cuda_fake("scatter_tokens_inplace_cuda", _scatter_inplace_fake)

@@ -8,7 +8,7 @@ count True entries: checked for CPU tensors, and for CUDA tensors with ENAT_KERN
 import torch
 
 from .. import triton_utils
-from .._library import register_cuda_fake, register_router
+from .._library import define, register_cuda_fake
 from ..backends import Dispatcher
 from . import _checks
 
@@ -68,14 +68,11 @@ def _router(mask, count, backend):
     return MASK_TO_INDEX.run(backend, mask.device, mask, count)
 
 
-register_router("mask_to_index", _router)
-
-
 def _fake(mask, count, backend=None):
     return mask.new_empty((mask.shape[0], count), dtype=torch.int64)
 
 
-torch.library.register_fake("enat::mask_to_index")(_fake)
+define("mask_to_index(Tensor mask, SymInt count, str backend) -> Tensor", _router, _fake)
 register_cuda_fake("mask_to_index_cuda", _fake)
 
 

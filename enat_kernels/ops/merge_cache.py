@@ -4,8 +4,9 @@ After a reuse step, ENAT's visible set is the freshly encoded critical tokens fr
 fresh_index (B, nf) together with the projected cached tokens cached (B, nc, D) at cached_index
 (B, nc). The result is (B, nf + nc, D). Each row of a set lands at its rank in the union:
 fresh row j goes to j + #{cached positions below fresh_index[j]}, and likewise for cached rows,
-so one launch moves every row once, with a binary search per row and no sort. The backward reads
-the gradient rows back from the same ranks (merge_cache_backward, one launch).
+so one launch moves every row once, with no sort: the Triton kernel ranks a tile of merged rows from
+one merge-path search per program (see below). The backward reads the gradient rows back from the
+same ranks (merge_cache_backward, one launch).
 
 Precondition: both index tensors hold ascending positions and the two sets are disjoint; checked
 for CPU tensors, and for CUDA tensors with ENAT_KERNELS_DEBUG=1.
@@ -14,7 +15,7 @@ for CPU tensors, and for CUDA tensors with ENAT_KERNELS_DEBUG=1.
 import torch
 
 from .. import triton_utils
-from .._library import register_cuda_fake, register_router
+from .._library import define, register_cuda_fake
 from ..backends import Dispatcher
 from . import _checks
 from .gather_scatter import cuda_why_not, triton_why_not
@@ -44,85 +45,101 @@ def merge_cache_backward_reference(grad, fresh_index, cached_index):
     )
 
 
-# Triton: each program moves a block of BLOCK_R fresh rows and the same block of cached rows.
+# Triton: one launch over (row b, tile of BLOCK_N merged rows m0 <= m < m0 + BLOCK_N), with the tiles
+# and configs of triton_utils. One merge-path search per program finds f0, the fresh rows among the
+# first m0 merged rows (and so c0 = m0 - f0 cached ones); the tile's rows are the BLOCK_N smallest of
+# the next BLOCK_N positions of each side, ranked by [BLOCK_N, BLOCK_N] comparisons. The forward loads
+# the tile from the two sides under complementary row masks and stores it once; the backward loads the
+# gradient tile once and stores it to the two sides. Whatever the index rows hold, every access stays
+# inside its tensor.
 
 if triton is not None:
 
-    @triton.jit
-    def _move_side(rows_ptr, s_b, s_n, s_d, own_ptr, own_b, own_n, n_own, other_ptr, other_b, other_n, n_other, steps,
-                   merged_ptr, sm_b, sm_n, sm_d, b, j, D, FORWARD: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Rows j of one side to (FORWARD) or from their ranks in the merged rows."""
-        row_ok = j < n_own
-        position = tl.load(own_ptr + b * own_b + j.to(tl.int64) * own_n, mask=row_ok, other=0)
-        rank = j.to(tl.int64) + triton_utils.lower_bound(other_ptr + b * other_b, other_n, n_other, position, steps)
-        side_rows = rows_ptr + b * s_b + j[:, None].to(tl.int64) * s_n
-        merged_rows = merged_ptr + b * sm_b + rank[:, None] * sm_n
-        for d0 in range(0, D, BLOCK_D):
-            cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
-            m = row_ok[:, None] & (cols[None, :] < D)
-            if FORWARD:
-                tl.store(merged_rows + cols[None, :] * sm_d, tl.load(side_rows + cols[None, :] * s_d, mask=m), mask=m)
-            else:
-                tl.store(side_rows + cols[None, :] * s_d, tl.load(merged_rows + cols[None, :] * sm_d, mask=m), mask=m)
-
-    @triton.autotune(
-        configs=triton_utils.autotune_configs(
-            [
-                triton.Config({"BLOCK_R": 4, "BLOCK_D": 256}, num_warps=4),
-                triton.Config({"BLOCK_R": 2, "BLOCK_D": 512}, num_warps=4),
-                triton.Config({"BLOCK_R": 1, "BLOCK_D": 1024}, num_warps=4),
-                triton.Config({"BLOCK_R": 8, "BLOCK_D": 128}, num_warps=4),
-            ]
-        ),
-        key=["D", "FORWARD"],
-    )
+    @triton.autotune(configs=triton_utils.autotune_configs(triton_utils.TOKEN_CONFIGS),
+                     key=["rows_key", "BLOCK_D", "FORWARD"])
+    @triton.heuristics({"BLOCK_N": triton_utils.block_rows("merged_ptr")})
     @triton.jit
     def _merge_rows_kernel(
-        fresh_ptr, fresh_index_ptr, cached_ptr, cached_index_ptr, merged_ptr, nf, nc, D, steps_f, steps_c,
+        fresh_ptr, fresh_index_ptr, cached_ptr, cached_index_ptr, merged_ptr, nf, nc, D, rows_key, rounds,
         sf_b, sf_n, sf_d, sfi_b, sfi_n, sc_b, sc_n, sc_d, sci_b, sci_n, sm_b, sm_n, sm_d,
-        FORWARD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+        FORWARD: tl.constexpr, TILE_BYTES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        EVEN_D: tl.constexpr, PROBES: tl.constexpr,
     ):
-        """FORWARD: merged[b, rank(j)] = side[b, j] for both sides; else side[b, j] = merged[b, rank(j)]."""
-        pid = tl.program_id(0)
-        blocks_per_row = tl.cdiv(tl.maximum(nf, nc), BLOCK_R)
-        b = (pid // blocks_per_row).to(tl.int64)
-        j = (pid % blocks_per_row) * BLOCK_R + tl.arange(0, BLOCK_R)
-        _move_side(fresh_ptr, sf_b, sf_n, sf_d, fresh_index_ptr, sfi_b, sfi_n, nf, cached_index_ptr, sci_b, sci_n, nc,
-                   steps_c, merged_ptr, sm_b, sm_n, sm_d, b, j, D, FORWARD, BLOCK_D)
-        _move_side(cached_ptr, sc_b, sc_n, sc_d, cached_index_ptr, sci_b, sci_n, nc, fresh_index_ptr, sfi_b, sfi_n, nf,
-                   steps_f, merged_ptr, sm_b, sm_n, sm_d, b, j, D, FORWARD, BLOCK_D)
+        """FORWARD: merged[b, m] from fresh or cached for the merged rows m0 <= m < m0 + BLOCK_N of row
+        b; else the reverse (gradient rows back to the two sides)."""
+        tiles = tl.cdiv(nf + nc, BLOCK_N)
+        b = (tl.program_id(0) // tiles).to(tl.int64)
+        m0 = (tl.program_id(0) % tiles) * BLOCK_N
+        fresh_row = fresh_index_ptr + b * sfi_b
+        cached_row = cached_index_ptr + b * sci_b
+        f0 = triton_utils.search(fresh_row, sfi_n, tl.maximum(m0 - nc, 0), tl.minimum(m0, nf), 0, cached_row, sci_n,
+                                 m0, rounds, MERGE_PATH=True, PROBES=PROBES)
+        c0 = m0 - f0
+        k = tl.arange(0, BLOCK_N)
+        f_ok = f0 + k < nf
+        past_end = 0x7FFFFFFFFFFFFFFF  # above every position
+        f_pos = tl.load(fresh_row + (f0 + k).to(tl.int64) * sfi_n, mask=f_ok, other=past_end,
+                        eviction_policy="evict_last")
+        c_pos = tl.load(cached_row + (c0 + k).to(tl.int64) * sci_n, mask=c0 + k < nc, other=past_end,
+                        eviction_policy="evict_last")
+        # Fresh entry k is merged row m0 + f_rank[k]: k fresh and the cached entries below it come first.
+        f_rank = tl.where(f_ok, k + tl.sum((c_pos[None, :] < f_pos[:, None]).to(tl.int32), 1), BLOCK_N)
+        from_fresh = tl.sum((f_rank[None, :] == k[:, None]).to(tl.int32), 1) > 0
+        fresh_before = tl.sum((f_rank[None, :] < k[:, None]).to(tl.int32), 1)
+        f_src = f0 + fresh_before
+        c_src = c0 + k - fresh_before
+        row = m0 + k
+        row_ok = row < nf + nc
+        columns = triton_utils.row_tile_columns(BLOCK_D)
+        m_tile = triton_utils.tile_mask(row_ok, columns, D, EVEN_D)
+        f_tile = triton_utils.tile_mask(row_ok & from_fresh, columns, D, EVEN_D)
+        c_tile = triton_utils.tile_mask(row_ok & ~from_fresh & (c_src < nc), columns, D, EVEN_D)
+        merged = merged_ptr + (b * sm_b + row.to(tl.int64) * sm_n)[:, None] + columns[None, :] * sm_d
+        fresh = fresh_ptr + (b * sf_b + f_src.to(tl.int64) * sf_n)[:, None] + columns[None, :] * sf_d
+        cached = cached_ptr + (b * sc_b + c_src.to(tl.int64) * sc_n)[:, None] + columns[None, :] * sc_d
+        if FORWARD:
+            value = tl.zeros([BLOCK_N, BLOCK_D], merged_ptr.dtype.element_ty)
+            value = tl.load(fresh, mask=f_tile, other=value, eviction_policy="evict_first")
+            value = tl.load(cached, mask=c_tile, other=value, eviction_policy="evict_first")
+            tl.store(merged, value, mask=m_tile)
+        else:
+            value = tl.load(merged, mask=m_tile, eviction_policy="evict_first")
+            tl.store(fresh, value, mask=f_tile)
+            tl.store(cached, value, mask=c_tile)
 
 
-def _merge_rows_triton(fresh, fresh_index, cached, cached_index, merged, forward):
+def _merge_rows_triton(fresh, fresh_index, cached, cached_index, merged, forward, config):
+    """Between fresh (B, nf, D) at fresh_index (B, nf), cached (B, nc, D) at cached_index (B, nc) and
+    merged (B, nf + nc, D): forward fills merged, backward fills fresh and cached."""
     B, nf = fresh_index.shape
     nc = cached_index.shape[1]
     D = merged.shape[2]
     if B == 0 or nf + nc == 0 or D == 0:
         return
-
-    def grid(meta):
-        return (B * triton.cdiv(max(nf, nc), meta["BLOCK_R"]),)
-
-    _merge_rows_kernel[grid](
-        fresh, fresh_index, cached, cached_index, merged, nf, nc, D,
-        triton_utils.search_steps(nf), triton_utils.search_steps(nc),
-        *fresh.stride(), *fresh_index.stride(), *cached.stride(), *cached_index.stride(), *merged.stride(),
-        FORWARD=forward,
-    )
+    block_d, even_d, d_tiles = triton_utils.row_tile(D)
+    args = (fresh, fresh_index, cached, cached_index, merged, nf, nc, D, triton_utils.rows_bucket(nf + nc),
+            triton_utils.search_rounds(min(nf, nc)),
+            *fresh.stride(), *fresh_index.stride(), *cached.stride(), *cached_index.stride(), *merged.stride())
+    meta = dict(FORWARD=forward, BLOCK_D=block_d, EVEN_D=even_d, PROBES=triton_utils.SEARCH_PROBES)
+    triton_utils.launch(_merge_rows_kernel, lambda m: (B * triton.cdiv(nf + nc, m["BLOCK_N"]), d_tiles), args, meta,
+                        config)
 
 
-def merge_cache_triton(fresh, fresh_index, cached, cached_index):
+def merge_cache_triton(fresh, fresh_index, cached, cached_index, *, config=None):
+    """fresh (B, nf, D), fresh_index (B, nf), cached (B, nc, D), cached_index (B, nc) -> (B, nf + nc, D).
+    `config` (a triton.Config) bypasses autotuning."""
     B, nf, D = fresh.shape
     merged = fresh.new_empty((B, nf + cached.shape[1], D))
-    _merge_rows_triton(fresh, fresh_index, cached, cached_index, merged, forward=True)
+    _merge_rows_triton(fresh, fresh_index, cached, cached_index, merged, True, config)
     return merged
 
 
-def merge_cache_backward_triton(grad, fresh_index, cached_index):
+def merge_cache_backward_triton(grad, fresh_index, cached_index, *, config=None):
+    """grad (B, nf + nc, D), fresh_index (B, nf), cached_index (B, nc) -> ((B, nf, D), (B, nc, D))."""
     B, _, D = grad.shape
     grad_fresh = grad.new_empty((B, fresh_index.shape[1], D))
     grad_cached = grad.new_empty((B, cached_index.shape[1], D))
-    _merge_rows_triton(grad_fresh, fresh_index, grad_cached, cached_index, grad, forward=False)
+    _merge_rows_triton(grad_fresh, fresh_index, grad_cached, cached_index, grad, False, config)
     return grad_fresh, grad_cached
 
 
@@ -163,10 +180,6 @@ def _backward_router(grad, fresh_index, cached_index, backend):
     return MERGE_BACKWARD.run(backend, grad.device, grad, fresh_index, cached_index)
 
 
-register_router("merge_cache", _router)
-register_router("merge_cache_backward", _backward_router)
-
-
 def _fake(fresh, fresh_index, cached, cached_index, backend=None):
     return fresh.new_empty((fresh.shape[0], fresh.shape[1] + cached.shape[1], fresh.shape[2]))
 
@@ -176,8 +189,11 @@ def _backward_fake(grad, fresh_index, cached_index, backend=None):
     return grad.new_empty((B, fresh_index.shape[1], D)), grad.new_empty((B, cached_index.shape[1], D))
 
 
-torch.library.register_fake("enat::merge_cache")(_fake)
-torch.library.register_fake("enat::merge_cache_backward")(_backward_fake)
+define("merge_cache(Tensor fresh, Tensor fresh_index, Tensor cached, Tensor cached_index, str backend) -> Tensor",
+       _router, _fake)
+# Backward-only op, one launch.
+define("merge_cache_backward(Tensor grad, Tensor fresh_index, Tensor cached_index, str backend) -> (Tensor, Tensor)",
+       _backward_router, _backward_fake)
 register_cuda_fake("merge_cache_cuda", _fake)
 register_cuda_fake("merge_cache_backward_cuda", _backward_fake)
 

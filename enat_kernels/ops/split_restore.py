@@ -8,7 +8,7 @@ checked for CPU tensors, and for CUDA tensors with ENAT_KERNELS_DEBUG=1.
 import torch
 
 from .. import triton_utils
-from .._library import register_cuda_fake, register_router
+from .._library import define, register_cuda_fake
 from ..backends import Dispatcher
 from . import _checks
 from .gather_scatter import _rows, cuda_why_not, gather_tokens_reference, triton_why_not
@@ -35,92 +35,84 @@ def restore_tokens_reference(visible, masked, mask):
     return out
 
 
-# Triton: one launch over (row b, tile of BLOCK_L positions). A program counts the masked positions
-# before its tile (a sum over the mask row), takes a prefix sum within the tile, and so knows every
-# position's rank among the masked or the visible rows; then it moves the rows. Writes and reads are
-# guarded so that a row with the wrong number of masked entries never goes out of bounds.
+# Triton: one launch over (row b, tile of BLOCK_N positions), with the tiles and configs of
+# triton_utils. A program counts the masked positions before its tile once (a prefix count over the
+# mask row, which stays in L2), takes a prefix sum within the tile, and so knows every position's rank
+# among the masked or the visible rows. Split then loads the x tile once and stores it twice, under
+# complementary row masks, at those ranks; restore loads the two at the ranks and stores one tile.
+# A position whose rank is past its set (a mask row with the wrong count) is skipped, and restore
+# zero-fills it, so nothing goes out of bounds.
 
 if triton is not None:
 
-    @triton.autotune(
-        configs=triton_utils.autotune_configs(
-            [
-                triton.Config({"BLOCK_L": 4, "BLOCK_D": 256}, num_warps=4),
-                triton.Config({"BLOCK_L": 2, "BLOCK_D": 512}, num_warps=4),
-                triton.Config({"BLOCK_L": 8, "BLOCK_D": 128}, num_warps=4),
-                triton.Config({"BLOCK_L": 16, "BLOCK_D": 128}, num_warps=4),
-            ]
-        ),
-        key=["D", "SPLIT"],
-    )
+    @triton.autotune(configs=triton_utils.autotune_configs(triton_utils.TOKEN_CONFIGS),
+                     key=["rows_key", "BLOCK_D", "SPLIT"])
+    @triton.heuristics({"BLOCK_N": triton_utils.block_rows("x_ptr")})
     @triton.jit
     def _split_restore_kernel(
-        x_ptr, mask_ptr, visible_ptr, masked_ptr, L, n_masked, D,
+        x_ptr, mask_ptr, visible_ptr, masked_ptr, L, n_masked, D, rows_key,
         sx_b, sx_l, sx_d, sm_b, sm_l, sv_b, sv_n, sv_d, sk_b, sk_n, sk_d,
-        SPLIT: tl.constexpr, BLOCK_ROW: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+        SPLIT: tl.constexpr, TILE_BYTES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        EVEN_D: tl.constexpr, PREFIX_BLOCK: tl.constexpr,
     ):
-        """SPLIT: x -> (visible, masked); else (visible, masked) -> x, by the mask row."""
-        pid = tl.program_id(0)
-        tiles_per_row = tl.cdiv(L, BLOCK_L)
-        b = (pid // tiles_per_row).to(tl.int64)
-        start = (pid % tiles_per_row) * BLOCK_L
+        """SPLIT: x -> (visible, masked); else (visible, masked) -> x, for the positions
+        l0 <= l < l0 + BLOCK_N of one row b of the mask."""
+        tiles = tl.cdiv(L, BLOCK_N)
+        b = (tl.program_id(0) // tiles).to(tl.int64)
+        l0 = (tl.program_id(0) % tiles) * BLOCK_N
         mask_row = mask_ptr + b * sm_b
-        everything = tl.arange(0, BLOCK_ROW)
-        before = tl.sum(tl.load(mask_row + everything.to(tl.int64) * sm_l, mask=everything < start, other=0).to(tl.int32), 0)
-        pos = start + tl.arange(0, BLOCK_L)
+        pos = l0 + tl.arange(0, BLOCK_N)
         pos_ok = pos < L
-        is_masked = tl.load(mask_row + pos.to(tl.int64) * sm_l, mask=pos_ok, other=0).to(tl.int32)
-        masked_up_to = before + tl.cumsum(is_masked, 0)  # masked positions in [0, pos]
+        is_masked = tl.load(mask_row + pos.to(tl.int64) * sm_l, mask=pos_ok, other=0, eviction_policy="evict_last") != 0
+        before = triton_utils.prefix_count(mask_row, sm_l, l0, PREFIX_BLOCK)  # masked positions in [0, l0)
+        masked_up_to = before + tl.cumsum(is_masked.to(tl.int32), 0)  # masked positions in [0, pos]
         masked_rank = masked_up_to - 1
         visible_rank = pos - masked_up_to
-        to_masked = pos_ok & (is_masked > 0) & (masked_rank < n_masked)
-        to_visible = pos_ok & (is_masked == 0) & (visible_rank < L - n_masked)
-        x_rows = x_ptr + b * sx_b + pos[:, None].to(tl.int64) * sx_l
-        k_rows = masked_ptr + b * sk_b + masked_rank[:, None].to(tl.int64) * sk_n
-        v_rows = visible_ptr + b * sv_b + visible_rank[:, None].to(tl.int64) * sv_n
-        for d0 in range(0, D, BLOCK_D):
-            cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
-            d_ok = cols[None, :] < D
-            mk = to_masked[:, None] & d_ok
-            mv = to_visible[:, None] & d_ok
-            if SPLIT:
-                value = tl.load(x_rows + cols[None, :] * sx_d, mask=pos_ok[:, None] & d_ok)
-                tl.store(k_rows + cols[None, :] * sk_d, value, mask=mk)
-                tl.store(v_rows + cols[None, :] * sv_d, value, mask=mv)
-            else:
-                value = tl.zeros([BLOCK_L, BLOCK_D], x_ptr.dtype.element_ty)
-                value = tl.load(k_rows + cols[None, :] * sk_d, mask=mk, other=value)
-                value = tl.load(v_rows + cols[None, :] * sv_d, mask=mv, other=value)
-                tl.store(x_rows + cols[None, :] * sx_d, value, mask=pos_ok[:, None] & d_ok)
+        columns = triton_utils.row_tile_columns(BLOCK_D)
+        x_tile = triton_utils.tile_mask(pos_ok, columns, D, EVEN_D)
+        k_tile = triton_utils.tile_mask(pos_ok & is_masked & (masked_rank < n_masked), columns, D, EVEN_D)
+        v_tile = triton_utils.tile_mask(pos_ok & ~is_masked & (visible_rank < L - n_masked), columns, D, EVEN_D)
+        x = x_ptr + (b * sx_b + pos.to(tl.int64) * sx_l)[:, None] + columns[None, :] * sx_d
+        k = masked_ptr + (b * sk_b + masked_rank.to(tl.int64) * sk_n)[:, None] + columns[None, :] * sk_d
+        v = visible_ptr + (b * sv_b + visible_rank.to(tl.int64) * sv_n)[:, None] + columns[None, :] * sv_d
+        if SPLIT:
+            value = tl.load(x, mask=x_tile, eviction_policy="evict_first")
+            tl.store(k, value, mask=k_tile)
+            tl.store(v, value, mask=v_tile)
+        else:
+            value = tl.zeros([BLOCK_N, BLOCK_D], x_ptr.dtype.element_ty)
+            value = tl.load(k, mask=k_tile, other=value, eviction_policy="evict_first")
+            value = tl.load(v, mask=v_tile, other=value, eviction_policy="evict_first")
+            tl.store(x, value, mask=x_tile)
 
 
-def _split_restore_triton(x, mask, visible, masked, split):
+def _split_restore_triton(x, mask, visible, masked, split, config):
+    """Split x (B, L, D) into visible (B, L-n, D) and masked (B, n, D) by mask (B, L), or restore it."""
     B, L, D = x.shape
     if x.numel() == 0:
         return
-
-    def grid(meta):
-        return (B * triton.cdiv(L, meta["BLOCK_L"]),)
-
+    block_d, even_d, d_tiles = triton_utils.row_tile(D)
     as_bytes = mask.view(torch.uint8)
-    _split_restore_kernel[grid](
-        x, as_bytes, visible, masked, L, masked.shape[1], D,
-        *x.stride(), *as_bytes.stride(), *visible.stride(), *masked.stride(),
-        SPLIT=split, BLOCK_ROW=max(16, triton.next_power_of_2(L)),
-    )
+    args = (x, as_bytes, visible, masked, L, masked.shape[1], D, triton_utils.rows_bucket(L),
+            *x.stride(), *as_bytes.stride(), *visible.stride(), *masked.stride())
+    meta = dict(SPLIT=split, BLOCK_D=block_d, EVEN_D=even_d, PREFIX_BLOCK=triton_utils.PREFIX_BLOCK)
+    triton_utils.launch(_split_restore_kernel, lambda m: (B * triton.cdiv(L, m["BLOCK_N"]), d_tiles), args, meta,
+                        config)
 
 
-def split_tokens_triton(x, mask, n_masked):
+def split_tokens_triton(x, mask, n_masked, *, config=None):
+    """x (B, L, D), mask (B, L) -> (visible (B, L-n, D), masked (B, n, D)). `config` bypasses autotuning."""
     B, L, D = x.shape
     visible, masked = x.new_empty((B, L - n_masked, D)), x.new_empty((B, n_masked, D))
-    _split_restore_triton(x, mask, visible, masked, split=True)
+    _split_restore_triton(x, mask, visible, masked, True, config)
     return visible, masked
 
 
-def restore_tokens_triton(visible, masked, mask):
+def restore_tokens_triton(visible, masked, mask, *, config=None):
+    """visible (B, L-n, D), masked (B, n, D), mask (B, L) -> (B, L, D)."""
     B, L = mask.shape
     out = visible.new_empty((B, L, visible.shape[2]))
-    _split_restore_triton(out, mask, visible, masked, split=False)
+    _split_restore_triton(out, mask, visible, masked, False, config)
     return out
 
 
@@ -152,10 +144,6 @@ def _restore_router(visible, masked, mask, backend):
     return RESTORE.run(backend, visible.device, visible, masked, mask)
 
 
-register_router("split_tokens", _split_router)
-register_router("restore_tokens", _restore_router)
-
-
 def _split_fake(x, mask, n_masked, backend=None):
     B, L, D = x.shape
     return x.new_empty((B, L - n_masked, D)), x.new_empty((B, n_masked, D))
@@ -165,8 +153,10 @@ def _restore_fake(visible, masked, mask, backend=None):
     return visible.new_empty((mask.shape[0], mask.shape[1], visible.shape[2]))
 
 
-torch.library.register_fake("enat::split_tokens")(_split_fake)
-torch.library.register_fake("enat::restore_tokens")(_restore_fake)
+define("split_tokens(Tensor x, Tensor mask, SymInt n_masked, str backend) -> (Tensor, Tensor)", _split_router,
+       _split_fake)
+define("restore_tokens(Tensor visible, Tensor masked, Tensor mask, str backend) -> Tensor", _restore_router,
+       _restore_fake)
 register_cuda_fake("split_tokens_cuda", _split_fake)
 register_cuda_fake("restore_tokens_cuda", _restore_fake)
 
