@@ -32,9 +32,9 @@ bench: setup
 # The C++ library for libtorch programs, and the example that loads it; skipped, with the reason,
 # without CMake, nvcc or a CUDA build of torch (the Python package does not need them).
 cpp: setup
-	@nvcc=$$(command -v nvcc || echo /usr/local/cuda/bin/nvcc); cuda_home=$${CUDA_HOME:-$$(dirname "$$(dirname "$$nvcc")")}; \
+	@cuda_home=$${CUDA_HOME:-/usr/local/cuda}; \
 	if ! command -v cmake >/dev/null; then echo "cpp: skipped (cmake is not installed)"; \
-	elif [ ! -x "$$cuda_home/bin/nvcc" ]; then echo "cpp: skipped (no nvcc at $$cuda_home/bin/nvcc; set CUDA_HOME)"; \
+	elif [ ! -x "$$cuda_home/bin/nvcc" ]; then echo "cpp: skipped (no CUDA toolkit at $$cuda_home; set CUDA_HOME)"; \
 	elif ! $(PY) -c 'import sys, torch; sys.exit(torch.version.cuda is None)'; then \
 		echo "cpp: skipped (torch is a CPU-only build)"; \
 	else \
