@@ -1,6 +1,7 @@
 # Quick start (see README.md):
 #   make bench   set up .venv, build the CUDA extension where possible, run the benchmarks
 #   make test    set up .venv, build, run the tests and build the C++ library
+#   make demo    set up .venv, train a tiny ENAT on a CPU in minutes and score its samples
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,11 +12,11 @@ CMAKE_BUILD := build/cmake
 # -rs lists why each skipped case was skipped (a provider the machine cannot run).
 BENCH_FLAGS ?= -rs --benchmark-columns=median,iqr,rounds --benchmark-max-time=0.1 --benchmark-autosave
 
-.PHONY: setup test bench cpp gpu-check clean
+.PHONY: setup test bench demo cpp gpu-check clean
 
 $(VENV)/.ready: $(BUILD_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH)" numpy tqdm pytest pytest-benchmark ninja einops setuptools wheel
+	$(PY) -m pip install -q "$(TORCH)" numpy tqdm Pillow pytest pytest-benchmark ninja einops setuptools wheel
 	$(PY) -m pip install -q --no-build-isolation -e .
 	$(PY) -c "import enat_kernels as e; print('enat_kernels: CUDA extension', 'built' if e.EXTENSION_LOADED else 'not available: ' + e.EXTENSION_ERROR)"
 	touch $@
@@ -28,6 +29,11 @@ test: setup cpp
 
 bench: setup
 	$(PY) -m pytest benchmarks/ --benchmark-only $(BENCH_FLAGS)
+
+# Trains a tiny ENAT on the package's own pattern grids on a CPU (a few minutes), samples with and
+# without reuse, prints the checker's scores and writes docs/demo.png (README, "The demo").
+demo: setup
+	$(PY) -m enat.demo
 
 # The C++ library for libtorch programs, and the example that loads it; skipped, with the reason,
 # without CMake, nvcc or a CUDA build of torch (the Python package does not need them).

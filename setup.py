@@ -129,7 +129,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["enat_kernels", "enat_kernels.*", "enat", "enat.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.5", "numpy", "tqdm"],
+    install_requires=["torch>=2.5", "numpy", "tqdm", "Pillow"],
     extras_require={"test": ["pytest", "pytest-benchmark", "einops"]},
     zip_safe=False,
     **_extension_kwargs(),

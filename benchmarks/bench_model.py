@@ -1,77 +1,174 @@
-"""Image generation with enat.sample: images/s and GMACs/image for ENAT (with and without feature reuse),
-the plain NAT, and the paper code's way of running the same ENAT weights ("paper-style": attention over
-concatenated K/V, boolean indexing, two CFG passes; fp16 autocast on a GPU), and on a GPU ENAT with
-reuse replayed as one CUDA graph (enat.GraphedSampler, "enat-reuse-graph").
+"""Image generation with enat.sample: images/s, TFLOP/s, share of the GPU's bf16 matmul ceiling and
+peak memory, for this package's engine against the plain-PyTorch baseline a user would write instead
+and against the paper code's way of running the same weights.
 
-8 steps with the paper's sampler settings for the resolution. On a GPU every provider runs under fp16
-autocast, at batch 32 and 128; on a CPU in fp32 at batch 2, and only where one image takes seconds,
-not minutes (ENAT-B and ENAT-L at 512 px are GPU-only); a CPU smoke run (--benchmark-disable) generates
-once per provider with ENAT-S at 256 px only.
+Providers (8 steps, the paper's sampler settings for the resolution, the same weights):
+- enat: enat.sample on the engine (fused adaLN ops, fused projection, asymmetric attention and token
+  kernels), bf16 weights on a GPU; enat-graph: the same replayed as one CUDA graph (GraphedSampler).
+- torch: enat.torch_baseline (SDPA over torch.cat, F.layer_norm, torch.gather at argsort positions,
+  batched guidance), bf16 weights; torch-graph: the same captured as a CUDA graph.
+- paper-style: enat.paper_style (naive attention over concatenated K/V, boolean indexing, two CFG
+  passes) under fp16 autocast on fp32 weights, as the paper's code runs.
+- enat-no-reuse and plain-nat (the ablations; `extended`, so `make bench` only on a GPU).
+- enat+pixels and enat-graph+pixels (bench_sample_pixels): the engine followed by the VQGAN decoder
+  (enat.vq, bf16, channels_last), images/s from class labels to pixels.
+Sizes on a GPU: ENAT-S/B/L at 256 px with batch 32 and 128, ENAT-L at 512 px with batch 16 (the other
+512 px cases `extended`). On a CPU in fp32 at batch 2, ENAT-S and ENAT-B at 256 px (a smoke run with
+--benchmark-disable generates once per provider with ENAT-S only). bench_matmul_ceiling measures the
+bf16 matmul TFLOP/s in the same run; bench_bf16_agreement reports how many of the bf16 engine's
+tokens equal those of the fp32 model (same generator). summarize.py prints the headline table and the
+targets (ENAT-L 256 px: batch 128 at >= 50% of the ceiling and >= 1.8x torch, batch 32 >= 2x torch
+without graphs; ENAT-L 512 px batch 16 >= 1.8x torch).
 """
+
+import contextlib
 
 import pytest
 import torch
 
 import enat
 import enat.paper_style
-from harness import DEVICE, ON_GPU, measure
+import enat.torch_baseline
+import enat.vq
+from harness import DEVICE, ON_GPU, extended, gpu_time, measure
 
 STEPS = 8
-SIZES = [(name, res) for res in (256, 512) for name in ("ENAT-S", "ENAT-B", "ENAT-L")]
 if ON_GPU:
-    BATCHES, ROUNDS = [32, 128], 5
-    CPU_SKIP = ()
+    CASES = [(name, 256, batch) for name in ("ENAT-S", "ENAT-B", "ENAT-L") for batch in (32, 128)]
+    CASES += [("ENAT-L", 512, 16)] + [pytest.param(name, 512, 16, marks=extended) for name in ("ENAT-S", "ENAT-B")]
+    ROUNDS, DTYPE = 5, torch.bfloat16
 else:
-    BATCHES, ROUNDS = [2], 2
-    CPU_SKIP = (("ENAT-B", 512), ("ENAT-L", 512))
+    CASES = [("ENAT-S", 256, 2), ("ENAT-B", 256, 2)]
+    ROUNDS, DTYPE = 2, torch.float32
 SMOKE = ("ENAT-S", 256)  # the one size a CPU smoke run (--benchmark-disable) generates with
-BASELINE = "paper-style"
-GRAPHED = "enat-reuse-graph"
-PROVIDERS = ["enat-reuse", GRAPHED, "enat-no-reuse", "plain-nat", BASELINE]
+GRAPHS = ("enat-graph", "torch-graph")
+PROVIDERS = ["enat", "enat-graph", "torch", "torch-graph", "paper-style",
+             pytest.param("enat-no-reuse", marks=extended), pytest.param("plain-nat", marks=extended)]
+BASELINES = ("torch", "paper-style")
 
 _models = {}
 
 
-def _model(kind, cfg):
-    """One model per (kind, config), kept for the session; ENAT weights are shared with paper-style."""
-    key = (kind, cfg)
+def _model(kind, cfg, dtype):
+    """One set of models per config, kept for the session; every kind and dtype holds the same weights."""
+    key = (kind, cfg, dtype)
     if key not in _models:
-        _models.clear()  # one configuration's models at a time: ENAT-L at 512 px is 2 x 2.3 GB in fp32
+        if not any(k[1] == cfg for k in _models):
+            _models.clear()  # one configuration at a time: ENAT-L at 512 px is 2.3 GB in fp32
         torch.manual_seed(0)
-        _models[key] = (enat.PlainNAT if kind == "plain" else enat.ENAT)(cfg).to(DEVICE).eval()
+        model = (enat.PlainNAT if kind == "plain" else enat.ENAT)(cfg)
+        _models[key] = model.to(DEVICE, dtype).eval()
     return _models[key]
 
 
+def _generator():
+    return torch.Generator(DEVICE).manual_seed(0)
+
+
+def _generate_fn(provider, model, labels, settings):
+    """A no-argument function generating one batch with `provider` (graph providers capture first)."""
+    if provider in GRAPHS:
+        context = enat.torch_baseline.torch_ops(model) if provider == "torch-graph" else contextlib.nullcontext()
+        with context:
+            sampler = enat.GraphedSampler(model, labels.shape[0], **settings)
+        return lambda: sampler(labels, seed=0)
+    if provider == "paper-style":
+        return lambda: enat.paper_style.sample(model, labels, generator=_generator(), **settings)
+    if provider == "torch":
+        return lambda: enat.torch_baseline.sample(model, labels, generator=_generator(), **settings)
+    reuse = provider != "enat-no-reuse"
+    return lambda: enat.sample(model, labels, reuse=reuse, generator=_generator(), **settings)
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"B{b}")
-@pytest.mark.parametrize(("name", "resolution"), SIZES, ids=lambda v: str(v))
+@pytest.mark.parametrize(("name", "resolution", "batch"), CASES, ids=lambda v: str(v))
 def bench_sample(benchmark, name, resolution, batch, provider):
-    if (name, resolution) in CPU_SKIP:
-        pytest.skip(f"{name} at {resolution} px takes minutes per image on a CPU; it is measured on a GPU")
     if benchmark.disabled and not ON_GPU and (name, resolution) != SMOKE:
-        pytest.skip(f"smoke run on a CPU (--benchmark-disable): one generation takes 10 s to minutes here, so "
-                    f"only {SMOKE[0]} at {SMOKE[1]} px runs; --benchmark-only times {name} at {resolution} px")
-    if provider == GRAPHED and not ON_GPU:
+        pytest.skip(f"smoke run on a CPU (--benchmark-disable): only {SMOKE[0]} at {SMOKE[1]} px generates; "
+                    f"--benchmark-only times {name} at {resolution} px")
+    if provider in GRAPHS and not ON_GPU:
         pytest.skip("CUDA graphs need a GPU")
     cfg = enat.config(name, resolution)
     labels = torch.arange(batch, device=DEVICE) * 37 % 1000
     settings = dict(steps=STEPS, cfg_scale=cfg.cfg_scale, mask_temp=cfg.mask_temp, samp_temp=cfg.samp_temp)
-    model = _model("plain" if provider == "plain-nat" else "enat", cfg)
-    run = enat.paper_style.sample if provider == BASELINE else enat.sample
-    graphed = []
-
-    def generate():
-        if provider == GRAPHED:  # the first call (not timed) warms up and captures
-            if not graphed:
-                graphed.append(enat.GraphedSampler(model, batch, autocast=torch.float16, **settings))
-            return graphed[0](labels, seed=0)
-        generator = torch.Generator(DEVICE).manual_seed(0)
-        with torch.autocast("cuda", torch.float16, enabled=ON_GPU):
-            return run(model, labels, reuse=provider != "enat-no-reuse", generator=generator, **settings)
-
+    weights = torch.float32 if provider == "paper-style" else DTYPE
+    model = _model("plain" if provider == "plain-nat" else "enat", cfg, weights)
+    generate = _generate_fn(provider, model, labels, settings)
     macs = enat.flops.generation_macs(cfg, steps=STEPS, reuse=provider != "enat-no-reuse",
                                       plain=provider == "plain-nat")
     measure(benchmark, generate, op=f"sample {name} {resolution}px", provider=provider, mode="generate",
-            shape=f"B{batch} T{STEPS}", dtype=torch.float16 if ON_GPU else torch.float32,
-            flops=2 * macs * batch, images=batch, baselines=(BASELINE,), rounds=ROUNDS)
-    benchmark.extra_info["GMACs/image"] = macs / 1e9
+            shape=f"B{batch} T{STEPS}", dtype=DTYPE, flops=2 * macs * batch, images=batch, baselines=BASELINES,
+            rounds=ROUNDS)
+    info = benchmark.extra_info
+    info["GMACs/image"] = macs / 1e9
+    info["precision"] = ("fp16 autocast, fp32 weights" if provider == "paper-style" and ON_GPU
+                         else f"{str(weights).removeprefix('torch.')} weights")
+    if ON_GPU and not benchmark.disabled:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        generate()
+        torch.cuda.synchronize()
+        info["peak_GB"] = torch.cuda.max_memory_allocated() / 2**30
+
+
+_vqgans = {}
+
+
+def _vqgan():
+    """The paper's VQGAN decoder (random weights: the same cost) in the engine's dtype; on a CPU the
+    tiny configuration, so that the smoke run stays short."""
+    if not _vqgans:
+        config = {} if ON_GPU else enat.vq.TINY_CONFIG
+        _vqgans["vq"] = enat.vq.VQGAN(**config).eval().to(DEVICE, DTYPE)
+    return _vqgans["vq"]
+
+
+@pytest.mark.parametrize("provider", ["enat", "enat-graph"])
+@pytest.mark.parametrize(("name", "resolution", "batch"), CASES, ids=lambda v: str(v))
+def bench_sample_pixels(benchmark, name, resolution, batch, provider):
+    """Class labels to pixels: the generation above followed by the VQGAN decoder ("enat+pixels")."""
+    if not ON_GPU and (name, resolution) != SMOKE:
+        pytest.skip(f"on a CPU only {SMOKE[0]} at {SMOKE[1]} px decodes (with the tiny VQGAN)")
+    if provider in GRAPHS and not ON_GPU:
+        pytest.skip("CUDA graphs need a GPU")
+    cfg = enat.config(name, resolution)
+    labels = torch.arange(batch, device=DEVICE) * 37 % 1000
+    settings = dict(steps=STEPS, cfg_scale=cfg.cfg_scale, mask_temp=cfg.mask_temp, samp_temp=cfg.samp_temp)
+    generate = _generate_fn(provider, _model("enat", cfg, DTYPE), labels, settings)
+    vqgan = _vqgan()
+
+    def pixels():
+        with torch.no_grad():
+            return vqgan.decode(generate())
+
+    macs = enat.flops.generation_macs(cfg, steps=STEPS, vq_decoder=ON_GPU)
+    measure(benchmark, pixels, op=f"sample {name} {resolution}px", provider=f"{provider}+pixels", mode="generate",
+            shape=f"B{batch} T{STEPS}", dtype=DTYPE, flops=2 * macs * batch, images=batch, rounds=ROUNDS)
+
+
+def bench_matmul_ceiling(benchmark):
+    """The bf16 matmul TFLOP/s this GPU reaches (8192^3, cuBLAS): the ceiling generation shares are
+    quoted against."""
+    if not ON_GPU:
+        pytest.skip("the matmul ceiling is a GPU figure")
+    n = 8192
+    a, b = (torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    measure(benchmark, lambda: a @ b, op="matmul ceiling", provider="torch.mm", mode="fwd", shape=f"{n}^3",
+            dtype=torch.bfloat16, flops=2 * n**3)
+
+
+def bench_bf16_agreement(benchmark):
+    """Share of ENAT-L's tokens (256 px, batch 32, same generator) that the bf16 engine samples as the
+    fp32 model does: recorded, not timed."""
+    if not ON_GPU:
+        pytest.skip("bf16 against fp32 on a GPU")
+    cfg = enat.config("ENAT-L", 256)
+    labels = torch.arange(32, device=DEVICE) * 37 % 1000
+    torch.manual_seed(0)
+    model = enat.ENAT(cfg).to(DEVICE).eval()
+    reference = enat.sample(model, labels, generator=_generator())
+    fast = enat.sample(model.to(torch.bfloat16), labels, generator=_generator())
+    agreement = (fast == reference).double().mean().item()
+    benchmark.extra_info.update(op="bf16 agreement", provider="enat", mode="generate", shape="ENAT-L 256px B32",
+                                dtype="bfloat16", agreement=agreement)
+    benchmark(lambda: None)

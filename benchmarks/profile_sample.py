@@ -2,10 +2,11 @@
 top device kernels, for one model, batch and way of running it.
 
     python benchmarks/profile_sample.py ENAT-L --batch 128
-    python benchmarks/profile_sample.py ENAT-S --batch 32 --provider paper-style --weights fp16
+    python benchmarks/profile_sample.py ENAT-L --batch 128 --provider torch
+    python benchmarks/profile_sample.py ENAT-S --batch 32 --provider paper-style --weights autocast
 
---weights: "autocast" keeps fp32 weights under fp16 autocast (as bench_model.py runs every provider);
-"fp16" and "bf16" convert the weights (no autocast). When host time is close to the wall time and the
+Providers as in bench_model.py (eager). --weights: "bf16" (default) and "fp16" convert the weights
+(no autocast); "autocast" keeps fp32 weights under fp16 autocast (as the paper's code runs). When host time is close to the wall time and the
 device is idle between kernels, the run is bound by launches, not by the GPU.
 """
 
@@ -17,8 +18,10 @@ import torch
 
 import enat
 import enat.paper_style
+import enat.torch_baseline
 
-PROVIDERS = ("enat-reuse", "enat-no-reuse", "plain-nat", "paper-style")
+RUNS = {"enat": enat.sample, "enat-no-reuse": enat.sample, "plain-nat": enat.sample,
+        "torch": enat.torch_baseline.sample, "paper-style": enat.paper_style.sample}
 
 
 def main():
@@ -27,8 +30,8 @@ def main():
     p.add_argument("--resolution", type=int, default=256, choices=(256, 512))
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--provider", default="enat-reuse", choices=PROVIDERS)
-    p.add_argument("--weights", default="autocast", choices=("autocast", "fp16", "bf16"))
+    p.add_argument("--provider", default="enat", choices=tuple(RUNS))
+    p.add_argument("--weights", default="bf16", choices=("autocast", "fp16", "bf16"))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--top", type=int, default=15)
     args = p.parse_args()
@@ -41,7 +44,7 @@ def main():
     if args.weights != "autocast":
         model = model.to({"fp16": torch.float16, "bf16": torch.bfloat16}[args.weights])
     labels = torch.arange(args.batch, device="cuda") * 37 % 1000
-    run = enat.paper_style.sample if args.provider == "paper-style" else enat.sample
+    run = RUNS[args.provider]
     settings = dict(steps=args.steps, cfg_scale=cfg.cfg_scale, mask_temp=cfg.mask_temp, samp_temp=cfg.samp_temp,
                     reuse=args.provider != "enat-no-reuse")
     autocast = torch.autocast("cuda", torch.float16) if args.weights == "autocast" else contextlib.nullcontext()

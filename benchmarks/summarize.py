@@ -17,7 +17,9 @@ adaln and residual_adaln (bench_adaln.py) get a table with no target: times, GB/
 enat-auto over the unfused PyTorch ("torch").
 Then, per target, how many shapes pass and the shape at which it is worst, with the number.
 The GPU targets are checked only on results that have GPU time; the host-path one everywhere.
-Whole-generation results (bench_model.py) get one line each: images/s per provider.
+Whole-generation results (bench_model.py): images/s per provider, and for the engine's best (eager or
+CUDA graph) TFLOP/s, share of the bf16 matmul ceiling measured in the same run, peak memory, and the
+speed-up over the plain-PyTorch baseline and the paper-style path, with the generation targets.
 """
 
 import json
@@ -36,8 +38,8 @@ TOKEN_COLUMNS = {"enat-auto": "auto", "enat-triton": "triton", "enat-cuda": "cud
 class Target:
     """A target checked per shape: value = numerator / denominator, ok when value <= limit (or >=)."""
 
-    def __init__(self, name, limit, at_least=False):
-        self.name, self.limit, self.at_least = name, limit, at_least
+    def __init__(self, name, limit, at_least=False, percent=False):
+        self.name, self.limit, self.at_least, self.percent = name, limit, at_least, percent
         self.results = []  # (value, shape description)
 
     def check(self, value, where):
@@ -50,7 +52,7 @@ class Target:
             return f"  {self.name}: no results"
         worst = (min if self.at_least else max)(self.results, key=lambda r: r[0])
         passed = sum(1 for v, _ in self.results if (v >= self.limit if self.at_least else v <= self.limit))
-        return (f"  {self.name}: {passed}/{len(self.results)} ok; worst {_ratio(worst[0], self.at_least)} "
+        return (f"  {self.name}: {passed}/{len(self.results)} ok; worst {_ratio(worst[0], self.percent)} "
                 f"at {worst[1]}")
 
 
@@ -111,21 +113,53 @@ def _eager(r):
     return r.get("eager_s") or r.get("median_s")
 
 
-def _sample_line(key, providers):
-    """Generation: images/s per provider and ENAT's speed-up over the paper-style path (CPU target 1.25x),
-    eager and, on a GPU, replayed as a CUDA graph."""
-    op, _, _, shape, dtype, _ = key
-    cells = [f"{op:<21} {shape:<10} {dtype:<8}"]
-    cells += [f"{p} {r['images/s']:.2f} img/s" for p, r in providers.items() if r.get("images/s") is not None]
-    if "enat-reuse" in providers and "paper-style" in providers:
-        ratio = _eager(providers["paper-style"]) / _eager(providers["enat-reuse"])
-        on_cpu = providers["enat-reuse"].get("cuda") is None
-        cells.append(f"{ratio:.2f}x vs paper-style" + (f" ({'ok' if ratio >= 1.25 else 'MISS'} >= 1.25 on CPU)"
-                                                       if on_cpu else ""))
-    if "enat-reuse-graph" in providers and "paper-style" in providers:
-        ratio = _eager(providers["paper-style"]) / _eager(providers["enat-reuse-graph"])
-        cells.append(f"graph {ratio:.2f}x vs paper-style")
-    return "  ".join(cells)
+def _best(providers, names):
+    """The fastest (images/s) of the named providers present, as (name, record), or None."""
+    present = [(n, providers[n]) for n in names if providers.get(n, {}).get("images/s")]
+    return max(present, key=lambda item: item[1]["images/s"]) if present else None
+
+
+def _generation_table(rows, ceiling, targets, on_gpu, write):
+    """Generation: images/s per provider; for the engine's best (eager or graph): TFLOP/s, share of the
+    measured bf16 matmul ceiling, peak memory, and its speed-up over the plain-PyTorch baseline's best
+    and over the paper-style path; the generation targets."""
+    names = ["enat", "enat-graph", "enat+pixels", "enat-graph+pixels", "torch", "torch-graph", "paper-style",
+             "enat-no-reuse", "plain-nat"]
+    columns = [n for n in names if any(n in providers for _, providers in rows)]
+    write(f"  {'model':<24} {'shape':<9} " + " ".join(f"{n:>12}" for n in columns)
+          + "   best enat: TFLOP/s  of ceiling  peak GB  vs torch  vs paper-style   (images/s)")
+    for key, providers in rows:
+        op, _, _, shape, _, _ = key
+        cells = [f"  {op.removeprefix('sample '):<24} {shape:<9}"]
+        cells.append(" ".join(f"{providers[n]['images/s']:12.2f}" if n in providers else f"{'-':>12}"
+                              for n in columns))
+        best, base = _best(providers, ("enat", "enat-graph")), _best(providers, ("torch", "torch-graph"))
+        if best is None:
+            write(" ".join(cells))
+            continue
+        name, r = best
+        share = r["TFLOP/s"] / ceiling if ceiling and r.get("TFLOP/s") else None
+        vs_torch = r["images/s"] / base[1]["images/s"] if base else None
+        paper = providers.get("paper-style", {}).get("images/s")
+        peak = f"{r['peak_GB']:7.2f}" if r.get("peak_GB") is not None else f"{'-':>7}"
+        cells.append(f"  {name:<10} {r.get('TFLOP/s', 0):7.1f}  {_ratio(share, True) if share else '-':>10}  {peak}")
+        cells.append(f"  {_ratio(vs_torch) if vs_torch else '-':>8}  {_ratio(r['images/s'] / paper) if paper else '-':>13}")
+        where = f"{op} {shape}"
+        checks = []
+        if on_gpu and op == "sample ENAT-L 256px" and shape.startswith("B128 "):
+            if share is not None:
+                checks.append(targets["ceiling"].check(share, where))
+            if vs_torch is not None:
+                checks.append(targets["torch-128"].check(vs_torch, where))
+        if on_gpu and op == "sample ENAT-L 256px" and shape.startswith("B32 ") and "enat" in providers \
+                and "torch" in providers:
+            checks.append(targets["torch-32"].check(providers["enat"]["images/s"] / providers["torch"]["images/s"],
+                                                    where))
+        if on_gpu and op == "sample ENAT-L 512px" and vs_torch is not None:
+            checks.append(targets["torch-512"].check(vs_torch, where))
+        if not on_gpu and paper and "enat" in providers:
+            checks.append(targets["cpu"].check(providers["enat"]["images/s"] / paper, where))
+        write(" ".join(cells) + ("  " + " ".join(checks) if checks else ""))
 
 
 def summarize(records, write=print):
@@ -147,10 +181,21 @@ def summarize(records, write=print):
         "fwd": Target("attention enat-triton fwd <= 1.1x sdpa (concatenated)", 1.1),
         "fwd+bwd": Target("attention enat-triton fwd+bwd <= 1.15x sdpa (concatenated)", 1.15),
         "cuda": Target("attention enat-cuda fwd <= 1.25x enat-triton fwd", 1.25),
-        "copy": Target("token ops enat-auto >= 80% of copy bandwidth", 0.8, at_least=True),
+        "copy": Target("token ops enat-auto >= 80% of copy bandwidth", 0.8, at_least=True, percent=True),
         "torch": Target("token ops enat-auto GPU time <= 1.0x the torch index way", 1.0),
         "host": Target("host path: enat-auto eager latency at the tiny shape <= 3x the nearest torch call", 3.0),
+        "ceiling": Target("generation ENAT-L 256px B128: best enat >= 50% of the bf16 matmul ceiling", 0.5,
+                          at_least=True, percent=True),
+        "torch-128": Target("generation ENAT-L 256px B128: best enat >= 1.8x best torch baseline", 1.8,
+                            at_least=True),
+        "torch-32": Target("generation ENAT-L 256px B32: enat >= 2x torch baseline (no graphs)", 2.0, at_least=True),
+        "torch-512": Target("generation ENAT-L 512px B16: best enat >= 1.8x best torch baseline", 1.8,
+                            at_least=True),
+        "cpu": Target("generation on a CPU: enat >= 1.25x paper-style", 1.25, at_least=True),
     }
+    ceiling = next((r["TFLOP/s"] for r in records if r["op"] == "matmul ceiling" and r.get("TFLOP/s")), None)
+    agreement = [r for r in records if r["op"] == "bf16 agreement"]
+    records = [r for r in records if r["op"] not in ("matmul ceiling", "bf16 agreement")]
     cases = _cases(records)
     sections = {}
     for key, providers in cases.items():
@@ -167,8 +212,11 @@ def summarize(records, write=print):
         write("")
         write(section)
         if section == "generation":
-            for key, providers in rows:
-                write(_sample_line(key, providers))
+            write(f"  bf16 matmul ceiling: {ceiling:.0f} TFLOP/s (measured in this run)" if ceiling else
+                  "  bf16 matmul ceiling: not measured")
+            for r in agreement:
+                write(f"  token agreement of the bf16 engine with the fp32 model ({r['shape']}): {r['agreement']:.1%}")
+            _generation_table(rows, ceiling, targets, on_gpu, write)
         elif section.startswith("host path"):
             _host_table(rows, targets["host"], write)
         elif section.startswith(ATTENTION):
@@ -178,7 +226,7 @@ def summarize(records, write=print):
         else:
             _token_table(rows, targets, on_gpu, write)
 
-    shown = [t for name, t in targets.items() if t.results or (on_gpu and name != "host")]
+    shown = [t for name, t in targets.items() if t.results or (on_gpu and name not in ("host", "cpu"))]
     if shown:
         write("")
         write("targets (worst shape)")

@@ -6,9 +6,13 @@ classifier-free guidance, a plain-NAT baseline and the paper's FLOP counter.
     ids = enat.sample(model, labels, steps=8)                  # (B, L) VQ token ids
     ids = enat.GraphedSampler(model, batch=32)(labels, seed=0)  # the same, replayed as one CUDA graph
     enat.flops.generation_macs("ENAT-S")                       # 22.55e9 MACs per image (paper: 22.6 G)
+    images = enat.vq.load_vqgan("vqgan_jax_strongaug.ckpt").decode(ids)  # (B, 3, 256, 256) in [0, 1]
+    loss = enat.training.loss(model, ids, labels, prev_model=ema.model)  # the paper's recipe (python -m enat.train)
 """
 
-from . import flops
+from . import flops, paper_style, torch_baseline
+from . import vq
+from . import training
 from .checkpoint import load_official
 from .config import MASK_ID, NULL_CLASS, ENATConfig, config
 from .model import ENAT, ENATOutput, PlainNAT
@@ -16,4 +20,4 @@ from .sampler import GraphedSampler, sample
 from .schedule import mask_schedule
 
 __all__ = ["ENAT", "ENATConfig", "ENATOutput", "GraphedSampler", "PlainNAT", "config", "flops", "load_official",
-           "mask_schedule", "sample", "MASK_ID", "NULL_CLASS"]
+           "mask_schedule", "sample", "training", "vq", "MASK_ID", "NULL_CLASS"]

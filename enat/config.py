@@ -12,7 +12,9 @@ VQ_DOWNSAMPLE = 16  # pixels per token side
 @dataclasses.dataclass(frozen=True)
 class ENATConfig:
     """depth_enc encoder and depth_dec decoder blocks of width `width` with `heads` heads over a
-    (resolution / 16)^2 token grid. The sampler defaults are the paper's for the resolution."""
+    (resolution / 16)^2 token grid of ids in [0, vocab_size) ([MASK] = vocab_size), conditioned on
+    num_classes classes (the null class = num_classes). The sampler defaults are the paper's for the
+    resolution; vocab_size and num_classes default to the paper's (1024 VQ codes, 1000 classes)."""
 
     name: str
     depth_enc: int
@@ -23,9 +25,11 @@ class ENATConfig:
     cfg_scale: float = 2.5
     mask_temp: float = 1.5
     samp_temp: float = 6.0
+    vocab_size: int = VOCAB
+    num_classes: int = NUM_CLASSES
 
     def __post_init__(self):
-        for field in ("depth_enc", "depth_dec", "width", "heads", "resolution"):
+        for field in ("depth_enc", "depth_dec", "width", "heads", "resolution", "vocab_size", "num_classes"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ENATConfig.{field} must be a positive int, got {value!r}")
@@ -41,6 +45,16 @@ class ENATConfig:
     @property
     def head_dim(self):
         return self.width // self.heads
+
+    @property
+    def mask_id(self):
+        """The [MASK] token id: vocab_size (word embeddings hold vocab_size + 1 rows)."""
+        return self.vocab_size
+
+    @property
+    def null_class(self):
+        """The null class of classifier-free guidance: num_classes (the label table holds num_classes + 1 rows)."""
+        return self.num_classes
 
     @property
     def seq_len(self):

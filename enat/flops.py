@@ -2,15 +2,19 @@
 
 The paper's "GFLOPs" are MACs of the linear layers and of both attention matmuls (q k^T and p v) for
 the whole T-step generation of one image, both classifier-free-guidance passes included; the system
-tables add the VQ decoder. Embeddings, norms, activations and the sampler cost nothing. The count
-follows the forward pass of enat.model exactly, so torch.utils.flop_counter on a real sampling run
-gives twice these numbers (it counts a MAC as two FLOPs); the tests check that.
+tables add the VQ decoder (counted here from its architecture: enat.vq.decoder_macs). Embeddings,
+norms, activations and the sampler cost nothing. The count follows the forward pass of enat.model
+exactly, so torch.utils.flop_counter on a real sampling run gives twice these numbers (it counts a
+MAC as two FLOPs); the tests check that.
 """
 
-from .config import VOCAB, resolve
+from .config import resolve
 from .schedule import mask_schedule
+from .vq import decoder_macs
 
-VQ_DECODER_MACS = {256: 93e9, 512: 373e9}  # the paper's VQ decoder cost per image, by resolution
+# The paper's printed VQ decoder cost per image, by resolution (kept for reference). generation_macs
+# counts the decoder's convolutions instead (enat.vq.decoder_macs): 93.27e9 and 373.09e9.
+VQ_DECODER_MACS = {256: 93e9, 512: 373e9}
 
 
 def _blocks_macs(cfg, n_blocks, queries, ctx, self_keys):
@@ -27,7 +31,7 @@ def forward_macs(cfg, n_masked, n_prev_masked=None, *, plain=False):
     """MACs of one forward of one row: n_masked [MASK] tokens now, n_prev_masked in the previous
     step's state (None: no reuse); plain=True counts enat.PlainNAT (every token through every block)."""
     d, L = cfg.width, cfg.seq_len
-    macs = L * (d * d + d * VOCAB)  # mlm_layer.fc and the tied-embedding logits
+    macs = L * (d * d + d * cfg.vocab_size)  # mlm_layer.fc and the tied-embedding logits
     if plain:
         return macs + _blocks_macs(cfg, cfg.depth, L, 0, L)
     visible = L - n_masked
@@ -45,8 +49,9 @@ def generation_macs(name_or_cfg, *, resolution=256, steps=8, guidance=True, reus
     """MACs to generate one image with enat.sample (plain=True: with enat.PlainNAT).
 
     name_or_cfg: "ENAT-S", "ENAT-B", "ENAT-L" (at `resolution`) or an ENATConfig; guidance counts both CFG
-    passes; reuse=False counts the disentangled model without feature reuse; vq_decoder adds the paper's
-    VQ decoder cost (256 and 512 px only)."""
+    passes; reuse=False counts the disentangled model without feature reuse; vq_decoder adds the VQ
+    decoder's convolutions at the config's resolution (enat.vq.decoder_macs, the paper's tokenizer:
+    93.27e9 at 256 px, 373.09e9 at 512 px, what torch.utils.flop_counter counts on enat.vq.VQGAN.decode)."""
     cfg = resolve(name_or_cfg, resolution)
     counts = mask_schedule(cfg.seq_len, steps)
     total = 0
@@ -55,8 +60,5 @@ def generation_macs(name_or_cfg, *, resolution=256, steps=8, guidance=True, reus
         total += forward_macs(cfg, counts[k], prev, plain=plain)
     total *= 2 if guidance else 1
     if vq_decoder:
-        if cfg.resolution not in VQ_DECODER_MACS:
-            raise ValueError(f"generation_macs: the VQ decoder cost is known at {sorted(VQ_DECODER_MACS)} px, "
-                             f"not {cfg.resolution}")
-        total += VQ_DECODER_MACS[cfg.resolution]
+        total += decoder_macs(cfg.resolution)
     return int(total)

@@ -3,6 +3,9 @@
     out = model(ids, labels, prev=None)   # ids (B, L) with [MASK] = 1024, labels (B,)
     out.logits (B, L, 1024), out.feat (B, L, d), out.masking (B, L) bool
 
+(1024 and 1000 are the defaults: a config's vocab_size is the [MASK] id and the logits' width, its
+num_classes the null class.)
+
 ENAT encodes visible tokens among themselves and decodes [MASK] tokens over [visible ; [MASK]] keys;
 with `prev` (the previous step's output) it encodes only the critical tokens (revealed since `prev`)
 over the projected cache of the others. The attention and every movement of token rows go through
@@ -11,6 +14,7 @@ way for comparisons). Given `n_masked` and `n_prev_masked` the forward has stati
 syncs with the host, so it runs under torch.compile(fullgraph=True) and in CUDA graphs.
 """
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -20,7 +24,7 @@ from torch import nn
 import enat_kernels.ops as K
 from enat_kernels.ops import _checks
 
-from .config import MASK_ID, NULL_CLASS, NUM_CLASSES, VOCAB, ENATConfig
+from .config import NUM_CLASSES, VOCAB, ENATConfig
 
 
 class ENATOutput(NamedTuple):
@@ -45,6 +49,17 @@ class KernelOps:
     residual_adaln = staticmethod(K.residual_adaln)  # (x, y, gate, shift, scale, eps=) -> (x + gate y, adaln of it)
 
 
+@contextlib.contextmanager
+def ops_swapped(model, ops):
+    """Within the block, `model` runs with `ops` (a class with KernelOps' static methods) instead of
+    its own; restored afterwards."""
+    saved, model.ops = model.ops, ops
+    try:
+        yield model
+    finally:
+        model.ops = saved
+
+
 def _values_checked(t):
     """Check tensor values: on CPU (free) or in debug mode, never while torch.compile traces."""
     return _checks.values_checked(t) and not torch.compiler.is_compiling()
@@ -64,9 +79,9 @@ class Mlp(nn.Module):
 class Embeddings(nn.Module):
     """`x_embedder`: word + learned absolute position embeddings, LayerNorm, dropout."""
 
-    def __init__(self, dim, seq_len, dropout=0.1):
+    def __init__(self, dim, seq_len, dropout=0.1, vocab_size=VOCAB):
         super().__init__()
-        self.word_embeddings = nn.Embedding(VOCAB + 1, dim)
+        self.word_embeddings = nn.Embedding(vocab_size + 1, dim)  # the last row is [MASK]
         self.position_embeddings = nn.Embedding(seq_len, dim)
         self.LayerNorm = nn.LayerNorm(dim, eps=1e-6)
         self.dropout = nn.Dropout(dropout)
@@ -78,19 +93,20 @@ class Embeddings(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """`y_embedder`: class embedding; row 1000 is the null class. In training a label becomes the null
-    class with probability `dropout_prob` (for classifier-free guidance)."""
+    """`y_embedder`: class embedding; row num_classes (1000) is the null class. In training a label
+    becomes the null class with probability `dropout_prob` (for classifier-free guidance)."""
 
-    def __init__(self, dim, dropout_prob=0.1):
+    def __init__(self, dim, dropout_prob=0.1, num_classes=NUM_CLASSES):
         super().__init__()
-        self.embedding_table = nn.Embedding(NUM_CLASSES + 1, dim)
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+        self.null_class = num_classes
         self.dropout_prob = dropout_prob
 
     def forward(self, labels):
         """labels (B,) -> (B, d)."""
         if self.training and self.dropout_prob > 0:
             drop = torch.rand(labels.shape, device=labels.device) < self.dropout_prob
-            labels = torch.where(drop, NULL_CLASS, labels)
+            labels = torch.where(drop, self.null_class, labels)
         return self.embedding_table(labels)
 
 
@@ -186,17 +202,19 @@ class Block(nn.Module):
 class MlmLayer(nn.Module):
     """`mlm_layer`: fc, exact GELU, LayerNorm, then logits against the (detached) word embeddings."""
 
-    def __init__(self, dim):
+    def __init__(self, dim, vocab_size=VOCAB):
         super().__init__()
+        self.vocab_size = vocab_size
         self.fc = nn.Linear(dim, dim)
         self.gelu = nn.GELU()
         self.ln = nn.LayerNorm(dim, eps=1e-5)
-        self.bias = nn.Parameter(torch.zeros(1, 1, VOCAB + 1))
+        self.bias = nn.Parameter(torch.zeros(1, 1, vocab_size + 1))
 
     def forward(self, x, word_embeddings):
-        """x (B, L, d) -> logits (B, L, 1024) (the [MASK] entry is cut)."""
+        """x (B, L, d) -> logits (B, L, vocab_size) (the [MASK] entry is cut)."""
         h = self.ln(self.gelu(self.fc(x)))
-        return F.linear(h, word_embeddings.detach()[:VOCAB], self.bias[0, 0, :VOCAB])
+        V = self.vocab_size
+        return F.linear(h, word_embeddings.detach()[:V], self.bias[0, 0, :V])
 
 
 class _NATBase(nn.Module):
@@ -211,11 +229,11 @@ class _NATBase(nn.Module):
         self.cfg = cfg
         self.ops = KernelOps
         d = cfg.width
-        self.x_embedder = Embeddings(d, cfg.seq_len)
-        self.y_embedder = LabelEmbedder(d)
+        self.x_embedder = Embeddings(d, cfg.seq_len, vocab_size=cfg.vocab_size)
+        self.y_embedder = LabelEmbedder(d, num_classes=cfg.num_classes)
         self.blocks = nn.ModuleList(Block(d, cfg.heads) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(d, eps=1e-5)
-        self.mlm_layer = MlmLayer(d)
+        self.mlm_layer = MlmLayer(d, cfg.vocab_size)
 
     def initialize_weights(self):
         """The official initialisation: xavier-uniform Linear layers with zero bias, zero adaLN layers,
@@ -246,12 +264,13 @@ class _NATBase(nn.Module):
             raise TypeError(f"labels must be int64, got {labels.dtype}")
         if ids.device != labels.device:
             raise ValueError(f"ids and labels must be on one device, got {ids.device} and {labels.device}")
+        mask_id, null_class = self.cfg.mask_id, self.cfg.null_class
         if _values_checked(ids):
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) > MASK_ID):
-                raise ValueError(f"ids must lie in [0, {MASK_ID}] ({MASK_ID} = [MASK]), got values in "
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) > mask_id):
+                raise ValueError(f"ids must lie in [0, {mask_id}] ({mask_id} = [MASK]), got values in "
                                  f"[{int(ids.min())}, {int(ids.max())}]")
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > NULL_CLASS):
-                raise ValueError(f"labels must lie in [0, {NULL_CLASS}] ({NULL_CLASS} = null class), got values "
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > null_class):
+                raise ValueError(f"labels must lie in [0, {null_class}] ({null_class} = null class), got values "
                                  f"in [{int(labels.min())}, {int(labels.max())}]")
 
     def _head(self, feat):
@@ -277,7 +296,7 @@ class ENAT(_NATBase):
         one host sync each. Returns ENATOutput(logits (B, L, 1024), feat (B, L, d), masking (B, L))."""
         self._check_inputs(ids, labels)
         ops, enc, dec = self.ops, self.blocks[: self.cfg.depth_enc], self.blocks[self.cfg.depth_enc:]
-        masking = ids == MASK_ID
+        masking = ids == self.cfg.mask_id
         x = self.x_embedder(ids)
         c = self.y_embedder(labels)
         visible, masked = ops.split(x, masking, n_masked)
@@ -348,4 +367,4 @@ class PlainNAT(_NATBase):
         no_ctx = x[:, :0]
         for block in self.blocks:
             x = block(x, no_ctx, c, self.ops)
-        return ENATOutput(self._head(x), x, ids == MASK_ID)
+        return ENATOutput(self._head(x), x, ids == self.cfg.mask_id)

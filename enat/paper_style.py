@@ -8,11 +8,10 @@ fp16 autocast, as the paper's code does; on a CPU in the model's dtype (CPU fp16
 emulated and would make the comparison meaningless).
 """
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
+from .model import ops_swapped
 from .sampler import sample as _sample
 
 
@@ -64,14 +63,9 @@ class PaperStyleOps:
         return full[fresh_mask | cached_mask].reshape(fresh.shape[0], -1, fresh.shape[-1])
 
 
-@contextlib.contextmanager
 def paper_ops(model):
     """Within the block, `model` runs with PaperStyleOps."""
-    saved, model.ops = model.ops, PaperStyleOps
-    try:
-        yield model
-    finally:
-        model.ops = saved
+    return ops_swapped(model, PaperStyleOps)
 
 
 def sample(model, labels, **kwargs):

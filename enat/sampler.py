@@ -2,7 +2,8 @@
 
 Randomness, so that any implementation can reproduce the ids from the same generator: at step k,
 with n [MASK] tokens and P their positions in ascending order, exactly two draws are made,
-u1 = torch.rand((B, n, 1024)) then u2 = torch.rand((B, n)), float32 on `generator`. With
+u1 = torch.rand((B, n, V)) (V = model.cfg.vocab_size, 1024 by default) then u2 = torch.rand((B, n)),
+float32 on `generator`. With
 gumbel(u) = -log(-log(max(u, tiny))) in the logits' dtype (float32 at least):
 sampled = argmax(logp[P] / temp + gumbel(u1)) and confidence = logp[P][sampled] + mask_temp * (1 - r)
 * gumbel(u2), where logp = log_softmax(cond + g_k (cond - uncond)).
@@ -16,7 +17,6 @@ from tqdm.auto import tqdm
 import enat_kernels.ops as K
 from enat_kernels.ops import _checks
 
-from .config import MASK_ID, NULL_CLASS, NUM_CLASSES, VOCAB
 from .schedule import mask_schedule
 
 
@@ -31,8 +31,9 @@ def _check(model, labels, steps, cfg_scale, mask_temp, samp_temp, generator):
                          f"{type(labels).__name__ if not isinstance(labels, torch.Tensor) else (labels.dtype, tuple(labels.shape))}")
     if labels.numel() == 0:
         raise ValueError("labels must hold at least one class, got an empty tensor")
-    if _checks.values_checked(labels) and (int(labels.min()) < 0 or int(labels.max()) > NULL_CLASS):
-        raise ValueError(f"labels must be classes in [0, {NUM_CLASSES - 1}] (or {NULL_CLASS}, the null class, for "
+    null_class = model.cfg.null_class
+    if _checks.values_checked(labels) and (int(labels.min()) < 0 or int(labels.max()) > null_class):
+        raise ValueError(f"labels must be classes in [0, {null_class - 1}] (or {null_class}, the null class, for "
                          f"unconditional samples), got values in [{int(labels.min())}, {int(labels.max())}]")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
@@ -75,8 +76,9 @@ def _sample(model, labels, steps, cfg_scale, mask_temp, samp_temp, reuse, genera
     B, L, device = labels.shape[0], model.cfg.seq_len, labels.device
     counts = mask_schedule(L, steps)
     reuse = reuse and model.reuses_features
-    ids = torch.full((B, L), MASK_ID, dtype=torch.int64, device=device)
-    null = torch.full_like(labels, NULL_CLASS)
+    mask_id, vocab = model.cfg.mask_id, model.cfg.vocab_size
+    ids = torch.full((B, L), mask_id, dtype=torch.int64, device=device)
+    null = torch.full_like(labels, model.cfg.null_class)
     branches = [torch.cat([labels, null])] if cfg_batch else [labels, null]
     states = [None] * len(branches)
     for k in tqdm(range(steps), desc="enat.sample", unit="step", disable=not progress):
@@ -89,18 +91,18 @@ def _sample(model, labels, steps, cfg_scale, mask_temp, samp_temp, reuse, genera
             states[i] = out
             logits.append(out.logits)
         cond, uncond = logits[0].chunk(2) if cfg_batch else logits
-        masked_at = K.mask_to_index(ids == MASK_ID, n)  # P, (B, n)
+        masked_at = K.mask_to_index(ids == mask_id, n)  # P, (B, n)
         cond, uncond = K.gather_tokens(cond, masked_at), K.gather_tokens(uncond, masked_at)
         dtype = torch.promote_types(cond.dtype, torch.float32)
         guided = cond.to(dtype) + (k / steps * cfg_scale) * (cond.to(dtype) - uncond.to(dtype))
-        logp = torch.log_softmax(guided, dim=-1)  # (B, n, 1024)
+        logp = torch.log_softmax(guided, dim=-1)  # (B, n, V)
         temp = max(samp_temp * (1 - r), 1e-3)
-        u1 = torch.rand((B, n, VOCAB), generator=generator, dtype=torch.float32, device=device)
+        u1 = torch.rand((B, n, vocab), generator=generator, dtype=torch.float32, device=device)
         sampled = (logp / temp + _gumbel(u1, dtype)).argmax(dim=-1)
         u2 = torch.rand((B, n), generator=generator, dtype=torch.float32, device=device)
         confidence = logp.gather(-1, sampled.unsqueeze(-1)).squeeze(-1) + mask_temp * (1 - r) * _gumbel(u2, dtype)
         remask = confidence.topk(n_after, dim=-1, largest=False).indices  # the least confident stay [MASK]
-        ids = ids.scatter(1, masked_at, sampled.scatter(1, remask, MASK_ID))
+        ids = ids.scatter(1, masked_at, sampled.scatter(1, remask, mask_id))
     return ids
 
 

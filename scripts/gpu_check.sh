@@ -71,15 +71,16 @@ capped $OPS_SECONDS 15 $PY -m pytest benchmarks/bench_attention.py benchmarks/be
 grep -E "^(FAILED|ERROR)" "$OUT_DIR/bench.txt" | head -10
 grep -E "passed|failed" "$OUT_DIR/bench.txt" | tail -1
 
-# Generation at 256 px (batch 32 and 128, every provider); `make bench` adds 512 px.
-step "benchmarks: generation (256 px)"
-capped 170 15 $PY -m pytest benchmarks/bench_model.py --benchmark-only -q -k "256" -p no:cacheprovider \
+# Generation: ENAT-S/B/L at 256 px (batch 32 and 128) and ENAT-L at 512 px (batch 16), engine, plain-PyTorch
+# baseline (eager and graph) and paper-style; the bf16 matmul ceiling; bf16 token agreement.
+step "benchmarks: generation"
+capped 200 15 $PY -m pytest benchmarks/bench_model.py --benchmark-only -q -m "not extended" -p no:cacheprovider \
     --benchmark-columns=median,rounds --benchmark-json="$OUT_DIR/bench_model.json" > "$OUT_DIR/bench_model.txt" 2>&1 || status=1
 tail -3 "$OUT_DIR/bench_model.txt"
 
 step "profile: ENAT-L 256 px, batch 128"
 { capped 40 10 $PY benchmarks/profile_sample.py ENAT-L --batch 128 --top 12
-  capped 30 10 $PY benchmarks/profile_sample.py ENAT-L --batch 128 --provider paper-style --top 8; } > "$OUT_DIR/profile.txt" 2>&1 || status=1
+  capped 30 10 $PY benchmarks/profile_sample.py ENAT-L --batch 128 --provider torch --top 8; } > "$OUT_DIR/profile.txt" 2>&1 || status=1
 grep "images/s\|device busy" "$OUT_DIR/profile.txt"
 
 step "summary"

@@ -482,3 +482,32 @@ def test_bad_input(name):
     if name in BAD_INPUTS:
         with pytest.raises(exc, match=pattern):
             K.adaln(t["x"], t["shift"], t["scale"], **kwargs)
+
+
+@helpers.needs_gpu
+def test_cuda_graph_capture_and_no_host_sync():
+    """Both ops, forward and backward, inside a CUDA graph with host syncs forbidden; the replay gives
+    the eager results."""
+    g = torch.Generator("cuda").manual_seed(0)
+    x, y = (torch.randn(4, 37, 96, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    gate, shift, scale = (torch.randn(4, 96, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+    leaves = [t.requires_grad_() for t in (x, y, gate, shift, scale)]
+
+    def step():
+        x_new, out = K.residual_adaln(*leaves)
+        return (x_new, out, *torch.autograd.grad((K.adaln(out, shift, scale).float().sum() + x_new.float().sum()),
+                                                 leaves))
+
+    expected = step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.graph(graph):
+            captured = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured, expected):
+        assert torch.equal(a, b)

@@ -59,7 +59,7 @@ def test_mismatches_are_refused():
     extra = dict(state, **{"blocks.9.attn.q.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match=r"unexpected \(1\): blocks.9.attn.q.weight"):
         enat.load_official(extra, TINY)
-    with pytest.raises(ValueError, match=r"x_embedder.position_embeddings.weight: checkpoint \(25, 48\), tiny-512 \(1024, 48\)"):
+    with pytest.raises(ValueError, match=r"x_embedder.position_embeddings.weight: checkpoint \(25, 48\), model \(1024, 48\)"):
         enat.load_official(state, enat.ENATConfig("tiny-512", 2, 2, 48, 3, resolution=512))
     with pytest.raises(TypeError, match="must be a state dict"):
         enat.load_official([1, 2], TINY)

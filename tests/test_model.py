@@ -288,3 +288,36 @@ def test_bad_config():
         ENATConfig("x", 1, 1, 50, 3)
     with pytest.raises(TypeError, match="cfg must be an ENATConfig"):
         ENAT("ENAT-S")
+
+
+# A non-default vocabulary and class count (a tokenizer of 16 codes, 5 classes, a 4 x 4 grid).
+SMALL_VOCAB = ENATConfig("vocab16", depth_enc=2, depth_dec=1, width=32, heads=2, resolution=64, vocab_size=16,
+                         num_classes=5)
+
+
+def test_non_default_vocabulary_and_classes():
+    cfg = SMALL_VOCAB
+    assert (cfg.mask_id, cfg.null_class, cfg.seq_len) == (16, 5, 16)
+    assert (enat.config("ENAT-S").mask_id, enat.config("ENAT-S").null_class) == (MASK_ID, 1000)
+    model = perturbed(ENAT, cfg, dtype=torch.float32)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes["x_embedder.word_embeddings.weight"] == (17, 32)
+    assert shapes["y_embedder.embedding_table.weight"] == (6, 32)
+    assert shapes["mlm_layer.bias"] == (1, 1, 17)
+    g = torch.Generator().manual_seed(0)
+    prev_ids = torch.randint(0, 16, (2, 16), generator=g)
+    prev_ids[:, :9] = cfg.mask_id  # [MASK] is id 16
+    ids = prev_ids.clone()
+    ids[:, 6:9] = 3
+    labels = torch.tensor([4, cfg.null_class])
+    prev = model(prev_ids, labels)
+    out = model(ids, labels, prev)
+    assert out.logits.shape == (2, 16, 16) and out.feat.shape == (2, 16, 32)
+    assert torch.equal(out.masking, ids == 16) and out.masking.sum(1).tolist() == [6, 6]
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 16\] \(16 = \[MASK\]\)"):
+        model(ids + 16, labels)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\]"):
+        model(ids, labels + 2)
+    # A model trained with another vocabulary cannot take an ENAT-S checkpoint's word embeddings.
+    with pytest.raises(ValueError, match="vocabulary 16"):
+        enat.load_official(perturbed(ENAT, TINY).state_dict(), ENATConfig(**{**TINY.__dict__, "vocab_size": 16}))

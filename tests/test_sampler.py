@@ -77,6 +77,38 @@ def test_paper_style_path_gives_the_same_ids():
     assert model.ops is enat.model.KernelOps  # restored afterwards
 
 
+@pytest.mark.parametrize("reuse", [True, False], ids=["reuse", "no-reuse"])
+def test_fused_engine_gives_the_ids_of_the_unfused_paths_in_fp32(reuse):
+    """fp32 on CPU: the fused engine (adaLN ops, fused projection, kernels' references) returns the ids
+    of the plain-PyTorch baseline (SDPA over torch.cat, F.layer_norm, torch.gather) and of the
+    paper-style path, for the same weights and generator."""
+    model = perturbed(ENAT, TINY, dtype=torch.float32, seed=2)
+    ours = enat.sample(model, LABELS, steps=6, reuse=reuse, generator=_gen(9))
+    assert torch.equal(ours, enat.torch_baseline.sample(model, LABELS, steps=6, reuse=reuse, generator=_gen(9)))
+    assert torch.equal(ours, enat.paper_style.sample(model, LABELS, steps=6, reuse=reuse, generator=_gen(9)))
+    assert model.ops is enat.model.KernelOps
+
+
+def test_torch_baseline_ops_match_the_kernels():
+    """Each TorchOps op against enat_kernels.ops (exact for token movement)."""
+    import enat_kernels.ops as K
+    from enat.torch_baseline import TorchOps
+
+    g = torch.Generator().manual_seed(0)
+    B, L, D, n = 3, 11, 5, 4
+    x = torch.randn(B, L, D, generator=g)
+    mask = torch.stack([torch.randperm(L, generator=g) < n for _ in range(B)])
+    index = K.mask_to_index(mask, n)
+    assert torch.equal(TorchOps.positions(mask, n), index)
+    assert torch.equal(TorchOps.gather(x, index), K.gather_tokens(x, index))
+    for a, b in zip(TorchOps.split(x, mask, n), K.split_tokens(x, mask, n)):
+        assert torch.equal(a, b)
+    visible, masked = K.split_tokens(x, mask, n)
+    assert torch.equal(TorchOps.restore(visible, masked, mask), x)
+    other = K.mask_to_index(~mask, L - n)
+    assert torch.equal(TorchOps.merge(masked, index, visible, other), x)
+
+
 def test_deterministic_with_a_generator_and_valid():
     model = perturbed(ENAT, TINY, dtype=torch.float32)
     a = enat.sample(model, LABELS, generator=_gen(5))
@@ -171,3 +203,21 @@ def test_graphed_sampler_replays_sample():
         enat.GraphedSampler(model, batch=3, autocast=torch.float32)
     with torch.autocast("cuda", torch.float16), pytest.raises(ValueError, match="construct GraphedSampler outside"):
         enat.GraphedSampler(model, batch=3)
+
+
+def test_non_default_vocabulary_and_classes():
+    """vocab_size 16 ([MASK] = 16) and 5 classes (null = 5): ids in [0, 16), every [MASK] revealed, and the
+    unconditional branch uses the config's null class."""
+    cfg = ENATConfig("vocab16", depth_enc=2, depth_dec=1, width=32, heads=2, resolution=64, vocab_size=16,
+                     num_classes=5)
+    model = perturbed(ENAT, cfg, dtype=torch.float32)
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[1].tolist()))
+    labels = torch.tensor([0, 4, 5])
+    for reuse in (True, False):
+        ids = enat.sample(model, labels, steps=4, reuse=reuse, generator=_gen())
+        assert ids.shape == (3, 16) and ids.min() >= 0 and ids.max() < 16
+    assert seen[0] == [0, 4, 5, 5, 5, 5]
+    with pytest.raises(ValueError, match=r"labels must be classes in \[0, 4\] \(or 5"):
+        enat.sample(model, torch.tensor([6]))
+    assert enat.flops.generation_macs(cfg) < enat.flops.generation_macs(ENATConfig(**{**cfg.__dict__, "vocab_size": 1024}))

@@ -17,6 +17,7 @@ import math
 import numbers
 
 import torch
+import torch.nn.functional as F
 
 from .. import triton_utils
 from .._library import define
@@ -47,9 +48,11 @@ def _normalized_grad(g, xhat, rstd, scale):
 
 
 def adaln_reference(x, shift, scale, eps):
+    # F.layer_norm is PyTorch's fused kernel (one pass on a CPU), then the modulation in the order the
+    # unfused model writes it, so that in fp32 the result is that of F.layer_norm + modulate bit for bit.
     acc = _accumulator_dtype(x.dtype)
-    xhat, _ = _normalized(x.to(acc), eps)
-    out = torch.addcmul(shift.to(acc)[:, None], xhat, 1 + scale.to(acc)[:, None])
+    xhat = F.layer_norm(x.to(acc), x.shape[-1:], eps=eps)
+    out = xhat * (1 + scale.to(acc)[:, None]) + shift.to(acc)[:, None]
     return out.to(x.dtype).contiguous()
 
 

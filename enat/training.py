@@ -1,0 +1,286 @@
+"""Training ENAT by the paper's recipe, on the kernels of enat_kernels.ops (their autograd formulas).
+
+    import enat, enat.training as T
+    model = enat.ENAT(cfg)
+    ema = T.EMA(model, decay=0.9999)
+    opt, sched = T.optimizer(model, lr=4e-4, warmup=5000)
+    gen = torch.Generator().manual_seed(0)             # every random choice of the recipe comes from it
+    for ids, labels in batches:                        # ids (B, L) int64 token ids, labels (B,) classes
+        loss = T.loss(model, ids, labels, prev_model=ema.model, generator=gen)
+        loss.backward(); opt.step(); sched.step(); opt.zero_grad(); ema.update(model)
+
+The recipe (docs/MODEL.md, "Training recipe"), per batch:
+
+- One mask ratio r ~ Beta(12, 3) for the batch; round(L r) positions per row (clamped to [1, L - 1]),
+  chosen at random per row, become [MASK].
+- Label dropout for classifier-free guidance, as the paper's code does it, in two places: the batch's
+  labels are replaced by the null class with p = 0.15 here (`label_drop`, drawn from `generator`),
+  and the model's LabelEmbedder drops labels again with p = 0.1 while the model is in training mode
+  (its own draw, from torch's global RNG on the model's device, like the embedding dropout).
+- Feature-reuse training (`prev_model` given, usually the EMA model): with probability `reuse_prob`
+  (one coin per batch) a random U(0, 1) share of the visible tokens is masked as well, making the
+  "previous step"; prev_model runs on it in eval mode, without gradients and without reuse, and its
+  (feat, masking) is the `prev` of the trained model's forward on the real input, whose encoder then
+  runs only the critical tokens over prev_proj of the cached features.
+- Cross-entropy with label smoothing 0.1 over the masked positions only.
+
+Randomness: the ratio, the coin, the reuse share, the masked positions and the label dropout are
+drawn on the CPU from `generator` in a fixed order (the same draws whether or not the batch reuses,
+whatever the device), then moved to the model's device; the mask counts are passed to the model, so
+a step never waits on the device. Under data parallelism every rank holds the same generator and
+draws the global batch's masks, keeping its own rows (`shard=(rank, world_size)`), so N processes
+compute exactly the masks of one process on the whole batch.
+"""
+
+import copy
+import math
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import enat_kernels.ops as K
+
+MASK_RATIO_BETA = (12, 3)  # r ~ Beta(12, 3): mean 0.8
+LABEL_SMOOTHING = 0.1
+LABEL_DROP = 0.15  # dataset-level label dropout (the model's LabelEmbedder adds its own 0.1 in training)
+REUSE_PROB = 0.5
+ADAMW_BETAS = (0.99, 0.99)
+WEIGHT_DECAY = 0.03
+LEARNING_RATE = 4e-4  # 1e-4 at 512 px
+WARMUP_STEPS = 5000
+EMA_DECAY = 0.9999
+
+
+def unwrap(model):
+    """The ENAT inside a DistributedDataParallel (or DataParallel) wrapper, or the model itself."""
+    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+
+
+def _beta(a, b, generator):
+    """One draw of Beta(a, b) for integer a, b >= 1: the a-th smallest of a + b - 1 uniforms (an exact
+    identity; torch's Beta sampler takes no generator)."""
+    u = torch.rand(a + b - 1, generator=generator, dtype=torch.float64)
+    return u.sort().values[a - 1].item()
+
+
+class Masks(NamedTuple):
+    """One batch's random choices (CPU tensors); `take` keeps a shard's rows."""
+
+    ratio: float  # the batch's mask ratio r
+    mask: torch.Tensor  # (B, L) bool, True = [MASK] in the trained model's input
+    n_masked: int  # round(L r) clamped to [1, L - 1]: [MASK] per row
+    prev_mask: Optional[torch.Tensor]  # (B, L) bool, a superset of mask: the previous step's input; None: no reuse
+    n_prev_masked: Optional[int]
+    label_drop: torch.Tensor  # (B,) bool, True = the label becomes the null class
+
+    def take(self, start, stop):
+        return Masks(self.ratio, self.mask[start:stop], self.n_masked,
+                     None if self.prev_mask is None else self.prev_mask[start:stop], self.n_prev_masked,
+                     self.label_drop[start:stop])
+
+
+def draw_masks(batch, seq_len, *, reuse_prob=REUSE_PROB, label_drop=LABEL_DROP, generator=None):
+    """The recipe's random choices for a batch of `batch` rows of `seq_len` tokens, drawn on the CPU
+    from `generator` (torch's default CPU generator if None) in this order: the ratio (13 uniforms,
+    float64), the reuse coin, the reuse share (one uniform each, float64), one uniform per position
+    (float32, (batch, L)) whose ranks pick the masked positions per row (the n_masked lowest are
+    [MASK] now, the n_prev_masked lowest in the previous step), one uniform per row for the label
+    dropout. Every draw is made whether or not it is used."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2 (one masked and one visible token), got {seq_len}")
+    L = seq_len
+    ratio = _beta(*MASK_RATIO_BETA, generator)
+    n = min(max(int(round(L * ratio)), 1), L - 1)
+    coin = torch.rand((), generator=generator, dtype=torch.float64).item()
+    share = torch.rand((), generator=generator, dtype=torch.float64).item()
+    scores = torch.rand((batch, L), generator=generator)
+    drop = torch.rand((batch,), generator=generator) < label_drop
+    rank = scores.argsort(dim=1).argsort(dim=1)  # each position's rank within its row
+    mask = rank < n
+    if coin < reuse_prob:
+        n_prev = n + int(round((L - n) * share))
+        prev_mask = rank < n_prev
+    else:
+        n_prev, prev_mask = None, None
+    return Masks(ratio, mask, n, prev_mask, n_prev, drop)
+
+
+def loss(model, ids, labels, *, prev_model=None, reuse_prob=REUSE_PROB, generator=None, label_drop=LABEL_DROP,
+         shard=None):
+    """One batch's training loss by the paper's recipe (module docstring): a scalar tensor (fp32, or
+    fp64 for an fp64 model).
+
+    model: an enat.ENAT (or one wrapped in DistributedDataParallel), in training mode for training;
+    ids (B, L) int64 token ids in [0, vocab_size); labels (B,) int64 classes, on the model's device;
+    prev_model: the model whose features the reuse batches reuse (the paper uses the EMA model);
+    None trains without reuse. generator: a CPU torch.Generator for every random choice.
+    shard=(index, count): ids are the index-th of `count` equal row blocks of a global batch (one per
+    data-parallel rank); the masks are drawn for the global batch, so the ranks together compute the
+    loss of one process on the whole batch (the mean of their losses, as DDP averages gradients)."""
+    B, L = ids.shape
+    index, count = (0, 1) if shard is None else shard
+    if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
+        raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard!r}")
+    masks = draw_masks(B * count, L, reuse_prob=reuse_prob if prev_model is not None else 0.0,
+                       label_drop=label_drop, generator=generator)
+    return loss_on_masks(model, ids, labels, masks.take(index * B, (index + 1) * B), prev_model=prev_model)
+
+
+def loss_on_masks(model, ids, labels, masks, *, prev_model=None, label_smoothing=LABEL_SMOOTHING):
+    """The loss for given random choices (a Masks, e.g. from draw_masks, or written by hand): the label
+    dropout applied, the reuse step run when masks.prev_mask is set (prev_model required then),
+    cross-entropy with label smoothing over the positions of masks.mask."""
+    cfg = unwrap(model).cfg
+    device = ids.device
+    mask = masks.mask.to(device, non_blocking=True)
+    labels = torch.where(masks.label_drop.to(device, non_blocking=True), cfg.null_class, labels)
+    prev = n_prev = None
+    if masks.prev_mask is not None:
+        if prev_model is None:
+            raise ValueError("masks ask for a reuse step (prev_mask is set) but prev_model is None")
+        n_prev = masks.n_prev_masked
+        prev_ids = ids.masked_fill(masks.prev_mask.to(device, non_blocking=True), cfg.mask_id)
+        was_training = prev_model.training
+        prev_model.eval()
+        try:
+            with torch.no_grad():
+                out = prev_model(prev_ids, labels, n_masked=n_prev)
+        finally:
+            prev_model.train(was_training)
+        prev = {"feat": out.feat.detach(), "masking": out.masking}
+    out = model(ids.masked_fill(mask, cfg.mask_id), labels, prev, n_masked=masks.n_masked, n_prev_masked=n_prev)
+    at = K.mask_to_index(mask, masks.n_masked)  # (B, n) the masked positions
+    logits = K.gather_tokens(out.logits, at)  # (B, n, V)
+    targets = ids.gather(1, at)
+    logits = logits.reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits, targets.reshape(-1), label_smoothing=label_smoothing)
+
+
+class EMA:
+    """An exponential moving average of a model's parameters: after `update(model)`,
+    ema = decay * ema + (1 - decay) * param (buffers copied). `.model` is an eval-mode copy without
+    gradients, usable with enat.sample and as the `prev_model` of `loss`."""
+
+    def __init__(self, model, decay=EMA_DECAY):
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must lie in [0, 1], got {decay!r}")
+        self.decay = decay
+        self.model = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model):
+        source = unwrap(model)
+        ema_params = list(self.model.parameters())
+        params = [p.detach() for p in source.parameters()]
+        if len(ema_params) != len(params):
+            raise ValueError("EMA.update: the model does not have the EMA model's parameters")
+        torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
+        for b_ema, b in zip(self.model.buffers(), source.buffers()):
+            b_ema.copy_(b)
+
+    def state_dict(self):
+        return self.model.state_dict()
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state)
+
+
+def parameter_groups(model, weight_decay=WEIGHT_DECAY):
+    """AdamW groups: weight decay on the weights of nn.Linear layers only; none on biases, LayerNorm
+    parameters, the word / position / label embeddings and mlm_layer.bias. (The paper gives one weight
+    decay; decaying the tied word embeddings, the norms and the biases towards zero is the usual thing
+    to avoid, and the embeddings' N(0, 0.02) scale is what the logits are built on.)"""
+    model = unwrap(model)
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
+
+
+def optimizer(model, lr=LEARNING_RATE, warmup=WARMUP_STEPS, *, weight_decay=WEIGHT_DECAY, betas=ADAMW_BETAS):
+    """(torch.optim.AdamW, LambdaLR) with the paper's settings: betas (0.99, 0.99), weight decay 0.03
+    (Linear weights only, see parameter_groups), lr 4e-4 reached by a linear warm-up over `warmup`
+    steps (lr (s + 1) / warmup at step s), then constant. Call scheduler.step() after each
+    optimizer.step()."""
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup!r}")
+    opt = torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=betas)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    return opt, sched
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Token grids stored the way the paper's code stores them: one row per image, the class label
+    then the L token ids, an integer .npy array (N, 1 + L), read memory-mapped
+    (numpy.load(mmap_mode="r")). Item i is (ids (L,) int64, label () int64); `batch(indices)` reads
+    several rows at once."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.data = np.load(self.path, mmap_mode="r")
+        if self.data.ndim != 2 or self.data.shape[1] < 2 or not np.issubdtype(self.data.dtype, np.integer):
+            raise ValueError(f"{self.path}: expected an integer array (N, 1 + L) of rows [label, ids...], got "
+                             f"{self.data.dtype} {self.data.shape}")
+
+    @property
+    def seq_len(self):
+        return self.data.shape[1] - 1
+
+    def __len__(self):
+        return self.data.shape[0]
+
+    def __getitem__(self, i):
+        row = torch.from_numpy(np.array(self.data[i], dtype=np.int64))
+        return row[1:], row[0]
+
+    def batch(self, indices):
+        """(ids (n, L) int64, labels (n,) int64) for the rows `indices` (in that order)."""
+        rows = torch.from_numpy(np.asarray(self.data[np.asarray(indices)], dtype=np.int64))
+        return rows[:, 1:].contiguous(), rows[:, 0].contiguous()
+
+    def check(self, cfg, chunk=65536):
+        """Raise ValueError unless every row fits cfg: L = cfg.seq_len, ids in [0, vocab_size), labels in
+        [0, num_classes). Reads the whole file once."""
+        if self.seq_len != cfg.seq_len:
+            side = math.isqrt(self.seq_len)
+            hint = f" (a {side} x {side} grid: resolution {16 * side})" if side * side == self.seq_len else ""
+            raise ValueError(f"{self.path}: rows hold {self.seq_len} tokens{hint}, the config {cfg.seq_len}")
+        for start in range(0, len(self), chunk):
+            part = np.asarray(self.data[start:start + chunk])
+            if part[:, 0].min() < 0 or part[:, 0].max() >= cfg.num_classes:
+                raise ValueError(f"{self.path}: labels must lie in [0, {cfg.num_classes}), got "
+                                 f"[{part[:, 0].min()}, {part[:, 0].max()}] in rows {start}..")
+            if part[:, 1:].min() < 0 or part[:, 1:].max() >= cfg.vocab_size:
+                raise ValueError(f"{self.path}: token ids must lie in [0, {cfg.vocab_size}), got "
+                                 f"[{part[:, 1:].min()}, {part[:, 1:].max()}] in rows {start}..")
+
+
+def shard_indices(n_items, step, global_batch, *, rank=0, world_size=1, micro_batch=None, micro_step=0, seed=0):
+    """The dataset rows of one rank's micro-batch: deterministic, like DistributedSampler over an endless
+    stream of seeded permutations. The stream is perm(seed, epoch 0), perm(seed, epoch 1), ...
+    (numpy's PCG64 seeded with [seed, epoch]); optimizer step `step` takes the next `global_batch`
+    items, in micro-steps of world_size * micro_batch items, rank r taking the r-th block of each."""
+    micro_batch = global_batch // world_size if micro_batch is None else micro_batch
+    start = step * global_batch + micro_step * world_size * micro_batch + rank * micro_batch
+    positions = np.arange(start, start + micro_batch)
+    out = np.empty(micro_batch, dtype=np.int64)
+    for epoch in np.unique(positions // n_items):
+        sel = positions // n_items == epoch
+        perm = _permutation(n_items, seed, int(epoch))
+        out[sel] = perm[positions[sel] % n_items]
+    return out
+
+
+_PERMS = {}
+
+
+def _permutation(n, seed, epoch):
+    key = (n, seed, epoch)
+    if key not in _PERMS:
+        if len(_PERMS) > 4:
+            _PERMS.clear()
+        _PERMS[key] = np.random.Generator(np.random.PCG64([seed, epoch])).permutation(n)
+    return _PERMS[key]
