@@ -46,9 +46,20 @@ def device_reasons(device, forced):
     return [f"Triton runs on CUDA tensors, these are on {device.type}"]
 
 
-def launch(kernel, grid, args, meta, config=None):
+_TUNED = {}  # (kernel, autotuning key) -> the config autotuning chose
+
+
+def launch(kernel, grid, args, meta, config=None, tune_key=None):
     """kernel[grid](*args, **meta), autotuned; or with `config` (a triton.Config), bypassing autotuning
-    (tests run every configuration this way)."""
+    (tests run every configuration this way). With `tune_key` (the kernel's autotuning key for these
+    arguments), the config autotuning chose is kept, and later calls of that key skip the autotuner's
+    per-call work."""
+    if config is None and tune_key is not None:
+        config = _TUNED.get((kernel, tune_key))
+        if config is None:
+            kernel[grid](*args, **meta)
+            _TUNED[(kernel, tune_key)] = kernel.best_config
+            return
     if config is None:
         kernel[grid](*args, **meta)
     else:

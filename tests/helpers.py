@@ -106,3 +106,23 @@ def perturbed(model_class, cfg, dtype=torch.float64, seed=0):
             else:
                 p.copy_(noise / p.shape[-1] ** 0.5)
     return model
+
+
+INTERPRETED_BF16 = "the Triton interpreter computes bf16 wrongly (a known interpreter limit); bf16 runs on a GPU"
+
+
+def backend_params(backends, dtypes, devices):
+    """pytest params of (backend, dtype) for the named dtypes {id: dtype}, marked to skip where the
+    platform cannot run them; `devices` maps each backend to the device its tensors live on."""
+    params = []
+    for backend in backends:
+        for name, dtype in dtypes.items():
+            marks = []
+            if devices[backend] == "cuda":
+                marks.append(needs_gpu)
+            if backend == "triton":
+                marks.append(needs_triton)
+                if devices[backend] == "cpu" and dtype == torch.bfloat16:
+                    marks.append(pytest.mark.skip(reason=INTERPRETED_BF16))
+            params.append(pytest.param(backend, dtype, marks=marks, id=f"{backend or 'auto'}-{name}"))
+    return params

@@ -23,24 +23,12 @@ A = sys.modules["enat_kernels.ops.adaln"]
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DEVICES = {"reference": "cpu", None: "cpu", "triton": helpers.triton_device()}
-INTERPRETED_BF16 = "the Triton interpreter computes bf16 wrongly (a known interpreter limit); bf16 runs on a GPU"
 ROWS = ("gate", "shift", "scale")
 
 
 def backend_params(backends, dtypes=DTYPES):
     """pytest params of (backend, dtype), marked to skip where the platform cannot run them."""
-    params = []
-    for backend in backends:
-        for name, dtype in dtypes.items():
-            marks = []
-            if DEVICES[backend] == "cuda":
-                marks.append(helpers.needs_gpu)
-            if backend == "triton":
-                marks.append(helpers.needs_triton)
-                if DEVICES[backend] == "cpu" and dtype == torch.bfloat16:
-                    marks.append(pytest.mark.skip(reason=INTERPRETED_BF16))
-            params.append(pytest.param(backend, dtype, marks=marks, id=f"{backend or 'auto'}-{name}"))
-    return params
+    return helpers.backend_params(backends, dtypes, DEVICES)
 
 
 def make_inputs(B, L, d, dtype=torch.float32, device="cpu", requires_grad=False):

@@ -444,26 +444,9 @@ def asymmetric_attention_triton(q, k_ctx, v_ctx, k_self, v_self, scale, *, confi
     args = (q, k_ctx, v_ctx, k_self, v_self, out, lse, H, Lq, Lc, Ls, D, scale * LOG2E, *buckets,
             *_bhl_strides(q, k_ctx, v_ctx, k_self, v_self, out))
     meta = dict(_triton_meta(q), NEG_SCALE=scale < 0)
-    _launch(_attention_fwd_kernel, lambda m: (triton.cdiv(Lq, m["BLOCK_M"]), B * H), args, meta, config,
-            (q.dtype, *buckets, *meta.values()))
+    triton_utils.launch(_attention_fwd_kernel, lambda m: (triton.cdiv(Lq, m["BLOCK_M"]), B * H), args, meta,
+                        config, (q.dtype, *buckets, *meta.values()))
     return out, lse
-
-
-_TUNED = {}  # (kernel, autotuning key) -> the config autotuning chose
-
-
-def _launch(kernel, grid, args, meta, config, tune_key):
-    """kernel[grid](*args, **meta) with the given config, or the one autotuning chose for tune_key
-    (the kernel's autotuning key): after the first call of a key, the autotuner's per-call work is
-    skipped."""
-    if config is None:
-        config = _TUNED.get((kernel, tune_key))
-        if config is None:
-            kernel[grid](*args, **meta)
-            _TUNED[(kernel, tune_key)] = kernel.best_config
-            return
-    meta = {**meta, **config.all_kwargs()}
-    kernel.fn[grid(meta)](*args, **meta)
 
 
 def asymmetric_attention_backward_triton(grad_out, q, k_ctx, v_ctx, k_self, v_self, out, lse, scale, *,
@@ -482,13 +465,13 @@ def asymmetric_attention_backward_triton(grad_out, q, k_ctx, v_ctx, k_self, v_se
     meta = _triton_meta(q)
     if short if short is not None else Lq <= SMALL_LQ:
         meta["BLOCK_M"] = max(16, triton.next_power_of_2(Lq))
-        _launch(_attention_bwd_short_kernel, lambda m: (B * H,), (*args, _bucket(Lc + Ls), *strides), meta, config,
-                (q.dtype, _bucket(Lc + Ls), *meta.values()))
+        triton_utils.launch(_attention_bwd_short_kernel, lambda m: (B * H,), (*args, _bucket(Lc + Ls), *strides),
+                            meta, config, (q.dtype, _bucket(Lc + Ls), *meta.values()))
     else:
-        _launch(_attention_bwd_kernel,
-                lambda m: (max(triton.cdiv(Lc + Ls, m["BLOCK_N"]), triton.cdiv(Lq, m["BLOCK_M"])), B * H),
-                (*args, _bucket(Lq), _bucket(Lc + Ls), *strides), meta, config,
-                (q.dtype, _bucket(Lq), _bucket(Lc + Ls), *meta.values()))
+        triton_utils.launch(_attention_bwd_kernel,
+                            lambda m: (max(triton.cdiv(Lc + Ls, m["BLOCK_N"]), triton.cdiv(Lq, m["BLOCK_M"])), B * H),
+                            (*args, _bucket(Lq), _bucket(Lc + Ls), *strides), meta, config,
+                            (q.dtype, _bucket(Lq), _bucket(Lc + Ls), *meta.values()))
     return tuple(grads)
 
 
