@@ -271,7 +271,7 @@ def test_gradcheck_fp64(op, shape):
 # programs walk several tiles and some programs have none (their partial sums are zeros).
 
 
-@pytest.mark.skipif(helpers.triton_utils.triton is None, reason="triton is not installed")
+@helpers.needs_triton
 @pytest.mark.parametrize(("block_l", "programs"), [(1, 1), (2, 3), (4, 2), (8, 5)], ids=lambda v: str(v))
 def test_triton_tiling(block_l, programs):
     device = helpers.triton_device()
@@ -310,7 +310,7 @@ def test_auto_picks_reference_on_cpu():
     assert A.ADALN.select(None, t["x"].device, t["x"], t["shift"], t["scale"], 1e-6) == "reference"
 
 
-@pytest.mark.skipif(helpers.triton_utils.triton is None, reason="triton is not installed")
+@helpers.needs_triton
 def test_env_backend_switch(monkeypatch):
     t = make_inputs(1, 3, 16, device=helpers.triton_device())
     monkeypatch.setenv("ENAT_KERNELS_BACKEND", "triton")
@@ -328,7 +328,7 @@ def test_forced_backend_that_cannot_serve_lists_why():
         _call("adaln", t, "cuda")
 
 
-@pytest.mark.skipif(helpers.triton_utils.triton is None, reason="triton is not installed")
+@helpers.needs_triton
 @pytest.mark.parametrize(("change", "pattern"), [
     (lambda t: make_inputs(1, 2, A.TRITON_MAX_D + 1, device=helpers.triton_device()), r"d = 8193 is above"),
     (lambda t: {k: v.double() for k, v in t.items()}, "take float16, bfloat16, float32, got float64"),
