@@ -8,8 +8,9 @@
 The data: a .npy integer array (N, 1 + L), one row per image: the label, then the L token ids (the
 layout of the paper's code; enat.training.TokenDataset, memory-mapped). The recipe is
 enat.training's (Beta(12, 3) mask ratio, reuse on `--reuse-prob` of the batches with the EMA model's
-features, label smoothing 0.1, label dropout 0.15 + 0.1, AdamW (0.99, 0.99), weight decay 0.03 on
-Linear weights, linear warm-up then constant lr).
+features, chains of up to `--reuse-steps` previous steps (1: the paper's), label smoothing 0.1, label
+dropout 0.15 + 0.1, AdamW (0.99, 0.99), weight decay 0.03 on Linear weights, linear warm-up then
+constant lr).
 
 With WORLD_SIZE > 1 (torchrun) the processes form a torch.distributed group (NCCL on GPUs, gloo on
 CPUs) and train one DistributedDataParallel model: each optimizer step takes `--batch` rows (the
@@ -68,6 +69,9 @@ def build_parser():
     g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0: off, the paper's)")
     g.add_argument("--ema", type=float, default=training.EMA_DECAY, help="EMA decay")
     g.add_argument("--reuse-prob", type=float, default=training.REUSE_PROB)
+    g.add_argument("--reuse-steps", type=int, default=1,
+                   help="longest chain of previous steps in reuse batches (1: the paper's recipe; "
+                        "enat.training, 'Chained previous steps')")
     prec = g.add_mutually_exclusive_group()
     prec.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU; a CPU run stays fp32)")
     prec.add_argument("--fp16", action="store_true", help="fp16 autocast with loss scaling (GPU; the paper's)")
@@ -214,6 +218,8 @@ def _train(args, cfg, env):
     if args.batch % (world * args.accum):
         raise SystemExit(f"--batch ({args.batch}) must be divisible by processes x --accum ({world} x {args.accum})")
     micro = args.batch // (world * args.accum)
+    if args.reuse_steps < 1:
+        raise SystemExit(f"--reuse-steps must be at least 1 (1: the paper's recipe), got {args.reuse_steps}")
     data = training.TokenDataset(args.data)
     if env.main:
         data.check(cfg)
@@ -287,7 +293,7 @@ def _train(args, cfg, env):
             with sync:
                 with torch.autocast(device.type, amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                     loss = training.loss(net, ids, labels, prev_model=ema.model, reuse_prob=args.reuse_prob,
-                                         generator=loss_gen, shard=(rank, world))
+                                         reuse_steps=args.reuse_steps, generator=loss_gen, shard=(rank, world))
                 scaled = loss / args.accum
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
             loss_sum += loss.detach()

@@ -22,10 +22,18 @@ The recipe (docs/MODEL.md, "Training recipe"), per batch:
   "previous step"; prev_model runs on it in eval mode, without gradients and without reuse, and its
   (feat, masking) is the `prev` of the trained model's forward on the real input, whose encoder then
   runs only the critical tokens over prev_proj of the cached features.
+- Chained previous steps (`reuse_steps` > 1; an option of this package, not the paper's recipe; 1,
+  the default, is the paper's): the previous step is itself made by reuse, as in sampling. A reuse
+  batch draws a chain length k uniform in 1..reuse_steps and k - 1 earlier steps, each masking a
+  further U(0, 1) share of the tokens the next one shows; prev_model runs the earliest step without
+  reuse and each later one with the step before it as prev. The sampler feeds every step's features
+  back through prev_proj (a token revealed at step j is projected again at every later step), while
+  the paper's recipe trains prev_proj on features projected once: chains let training see the
+  repeated projection (docs/MODEL.md, "Training recipe").
 - Cross-entropy with label smoothing 0.1 over the masked positions only.
 
-Randomness: the ratio, the coin, the reuse share, the masked positions and the label dropout are
-drawn on the CPU from `generator` in a fixed order (the same draws whether or not the batch reuses,
+Randomness: the ratio, the coin, the reuse share, the masked positions, the label dropout and the
+chain (with reuse_steps > 1) are drawn on the CPU from `generator` in a fixed order (the same draws whether or not the batch reuses,
 whatever the device), then moved to the model's device; the mask counts are passed to the model, so
 a step never waits on the device. Under data parallelism every rank holds the same generator and
 draws the global batch's masks, keeping its own rows (`shard=(rank, world_size)`), so N processes
@@ -34,7 +42,7 @@ compute exactly the masks of one process on the whole batch.
 
 import copy
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -75,22 +83,31 @@ class Masks(NamedTuple):
     prev_mask: Optional[torch.Tensor]  # (B, L) bool, a superset of mask: the previous step's input; None: no reuse
     n_prev_masked: Optional[int]
     label_drop: torch.Tensor  # (B,) bool, True = the label becomes the null class
+    # The steps before the previous one, earliest first: ((B, L) bool mask, its [MASK] count) pairs, each
+    # mask a superset of the next (the last one's next is prev_mask). Empty: prev_model runs without reuse.
+    earlier: Tuple[Tuple[torch.Tensor, int], ...] = ()
 
     def take(self, start, stop):
         return Masks(self.ratio, self.mask[start:stop], self.n_masked,
                      None if self.prev_mask is None else self.prev_mask[start:stop], self.n_prev_masked,
-                     self.label_drop[start:stop])
+                     self.label_drop[start:stop], tuple((m[start:stop], n) for m, n in self.earlier))
 
 
-def draw_masks(batch, seq_len, *, reuse_prob=REUSE_PROB, label_drop=LABEL_DROP, generator=None):
+def draw_masks(batch, seq_len, *, reuse_prob=REUSE_PROB, label_drop=LABEL_DROP, reuse_steps=1, generator=None):
     """The recipe's random choices for a batch of `batch` rows of `seq_len` tokens, drawn on the CPU
     from `generator` (torch's default CPU generator if None) in this order: the ratio (13 uniforms,
     float64), the reuse coin, the reuse share (one uniform each, float64), one uniform per position
     (float32, (batch, L)) whose ranks pick the masked positions per row (the n_masked lowest are
     [MASK] now, the n_prev_masked lowest in the previous step), one uniform per row for the label
-    dropout. Every draw is made whether or not it is used."""
+    dropout; then, only with reuse_steps > 1, the chain: one uniform (float64) for its length k =
+    1 + floor(u reuse_steps) and reuse_steps - 1 shares (float64), the j-th earlier step masking
+    round(share_j x its visible count) more of the lowest-ranked tokens. Every draw is made whether
+    or not it is used, so reuse_prob never shifts the stream and reuse_steps leaves the other choices
+    as they are."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2 (one masked and one visible token), got {seq_len}")
+    if isinstance(reuse_steps, bool) or not isinstance(reuse_steps, int) or reuse_steps < 1:
+        raise ValueError(f"reuse_steps must be an int >= 1 (1: the paper's recipe), got {reuse_steps!r}")
     L = seq_len
     ratio = _beta(*MASK_RATIO_BETA, generator)
     n = min(max(int(round(L * ratio)), 1), L - 1)
@@ -98,25 +115,33 @@ def draw_masks(batch, seq_len, *, reuse_prob=REUSE_PROB, label_drop=LABEL_DROP, 
     share = torch.rand((), generator=generator, dtype=torch.float64).item()
     scores = torch.rand((batch, L), generator=generator)
     drop = torch.rand((batch,), generator=generator) < label_drop
+    length, shares = 1, []
+    if reuse_steps > 1:
+        length = min(int(torch.rand((), generator=generator, dtype=torch.float64).item() * reuse_steps) + 1,
+                     reuse_steps)
+        shares = torch.rand(reuse_steps - 1, generator=generator, dtype=torch.float64).tolist()
     rank = scores.argsort(dim=1).argsort(dim=1)  # each position's rank within its row
     mask = rank < n
-    if coin < reuse_prob:
-        n_prev = n + int(round((L - n) * share))
-        prev_mask = rank < n_prev
-    else:
-        n_prev, prev_mask = None, None
-    return Masks(ratio, mask, n, prev_mask, n_prev, drop)
+    if coin >= reuse_prob:
+        return Masks(ratio, mask, n, None, None, drop)
+    n_prev = n + int(round((L - n) * share))
+    counts = [n_prev]
+    for s in shares[:length - 1]:
+        counts.append(counts[-1] + int(round((L - counts[-1]) * s)))
+    earlier = tuple((rank < c, c) for c in reversed(counts[1:]))
+    return Masks(ratio, mask, n, rank < n_prev, n_prev, drop, earlier)
 
 
-def loss(model, ids, labels, *, prev_model=None, reuse_prob=REUSE_PROB, generator=None, label_drop=LABEL_DROP,
-         shard=None):
+def loss(model, ids, labels, *, prev_model=None, reuse_prob=REUSE_PROB, reuse_steps=1, generator=None,
+         label_drop=LABEL_DROP, shard=None):
     """One batch's training loss by the paper's recipe (module docstring): a scalar tensor (fp32, or
     fp64 for an fp64 model).
 
     model: an enat.ENAT (or one wrapped in DistributedDataParallel), in training mode for training;
     ids (B, L) int64 token ids in [0, vocab_size); labels (B,) int64 classes, on the model's device;
     prev_model: the model whose features the reuse batches reuse (the paper uses the EMA model);
-    None trains without reuse. generator: a CPU torch.Generator for every random choice.
+    None trains without reuse. reuse_steps: the longest chain of previous steps (module docstring;
+    1 is the paper's recipe). generator: a CPU torch.Generator for every random choice.
     shard=(index, count): ids are the index-th of `count` equal row blocks of a global batch (one per
     data-parallel rank); the masks are drawn for the global batch, so the ranks together compute the
     loss of one process on the whole batch (the mean of their losses, as DDP averages gradients)."""
@@ -125,32 +150,36 @@ def loss(model, ids, labels, *, prev_model=None, reuse_prob=REUSE_PROB, generato
     if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
         raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard!r}")
     masks = draw_masks(B * count, L, reuse_prob=reuse_prob if prev_model is not None else 0.0,
-                       label_drop=label_drop, generator=generator)
+                       label_drop=label_drop, reuse_steps=reuse_steps, generator=generator)
     return loss_on_masks(model, ids, labels, masks.take(index * B, (index + 1) * B), prev_model=prev_model)
 
 
 def loss_on_masks(model, ids, labels, masks, *, prev_model=None, label_smoothing=LABEL_SMOOTHING):
     """The loss for given random choices (a Masks, e.g. from draw_masks, or written by hand): the label
-    dropout applied, the reuse step run when masks.prev_mask is set (prev_model required then),
-    cross-entropy with label smoothing over the positions of masks.mask."""
+    dropout applied, the reuse step run when masks.prev_mask is set (prev_model required then; with
+    masks.earlier, the chain of steps before it), cross-entropy with label smoothing over the
+    positions of masks.mask."""
     cfg = unwrap(model).cfg
     device = ids.device
     mask = masks.mask.to(device, non_blocking=True)
     labels = torch.where(masks.label_drop.to(device, non_blocking=True), cfg.null_class, labels)
     prev = n_prev = None
+    if masks.earlier and masks.prev_mask is None:
+        raise ValueError("masks.earlier holds steps before the previous one but prev_mask is None")
     if masks.prev_mask is not None:
         if prev_model is None:
             raise ValueError("masks ask for a reuse step (prev_mask is set) but prev_model is None")
-        n_prev = masks.n_prev_masked
-        prev_ids = ids.masked_fill(masks.prev_mask.to(device, non_blocking=True), cfg.mask_id)
         was_training = prev_model.training
         prev_model.eval()
         try:
-            with torch.no_grad():
-                out = prev_model(prev_ids, labels, n_masked=n_prev)
+            with torch.no_grad():  # the earliest step without reuse, each later one over the step before
+                for step_mask, n_step in (*masks.earlier, (masks.prev_mask, masks.n_prev_masked)):
+                    step_ids = ids.masked_fill(step_mask.to(device, non_blocking=True), cfg.mask_id)
+                    prev = prev_model(step_ids, labels, prev, n_masked=n_step, n_prev_masked=n_prev)
+                    n_prev = n_step
         finally:
             prev_model.train(was_training)
-        prev = {"feat": out.feat.detach(), "masking": out.masking}
+        prev = {"feat": prev.feat.detach(), "masking": prev.masking}
     out = model(ids.masked_fill(mask, cfg.mask_id), labels, prev, n_masked=masks.n_masked, n_prev_masked=n_prev)
     at = K.mask_to_index(mask, masks.n_masked)  # (B, n) the masked positions
     logits = K.gather_tokens(out.logits, at)  # (B, n, V)

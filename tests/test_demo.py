@@ -60,3 +60,12 @@ def test_demo_training_and_sampling_smoke(tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "grid.png").size == (4 * (96 + 4) + 4, 2 * (96 + 4) + 4)
+
+
+def test_demo_command_prints_scores_and_the_goal(tmp_path, capsys):
+    scores = demo.main(["--steps", "2", "--batch", "8", "--per-class", "2", "--no-progress", "--reuse-steps", "2",
+                        "--out", str(tmp_path / "demo.png")])
+    out = capsys.readouterr().out
+    assert set(scores) == {"reuse", "no reuse"} and all(0.0 <= v <= 1.0 for v in scores.values())
+    assert "generated, reuse:" in out and "generated, no reuse:" in out
+    assert ("goal (at least 90% with reuse, at most 3 points below no reuse): " in out) and (tmp_path / "demo.png").exists()

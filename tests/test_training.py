@@ -36,12 +36,15 @@ def _no_dropout(model):
     return model
 
 
-def _fixed_masks(n, n_masked, n_prev=None, drop_rows=(1,), seed=3):
+def _fixed_masks(n, n_masked, n_prev=None, drop_rows=(1,), seed=3, earlier=()):
+    """Masks from one random ranking per row: the n_masked lowest ranks now, the n_prev lowest in the
+    previous step, and for each count in `earlier` (earliest first) an earlier step of the chain."""
     g = torch.Generator().manual_seed(seed)
     rank = torch.rand(n, L, generator=g).argsort(1).argsort(1)
     drop = torch.zeros(n, dtype=torch.bool)
     drop[list(drop_rows)] = True
-    return T.Masks(0.5, rank < n_masked, n_masked, None if n_prev is None else rank < n_prev, n_prev, drop)
+    return T.Masks(0.5, rank < n_masked, n_masked, None if n_prev is None else rank < n_prev, n_prev, drop,
+                   tuple((rank < c, c) for c in earlier))
 
 
 def _independent_loss(logits, ids, mask, eps=0.1):
@@ -54,25 +57,30 @@ def _independent_loss(logits, ids, mask, eps=0.1):
     return ((1 - eps) * nll + eps * uniform).mean()
 
 
-@pytest.mark.parametrize("reuse", [False, True], ids=["plain", "reuse"])
-def test_loss_matches_an_independent_computation(reuse):
+@pytest.mark.parametrize("mode", ["plain", "reuse", "chain"])
+def test_loss_matches_an_independent_computation(mode):
     model = perturbed(ENAT, CFG, dtype=torch.float64, seed=1).train()
     _no_dropout(model)
     prev_model = perturbed(ENAT, CFG, dtype=torch.float64, seed=2).train()  # switched to eval for the prev step
     ids, labels = _batch()
-    masks = _fixed_masks(len(ids), 9, 13 if reuse else None)
+    reuse = mode != "plain"
+    earlier = (16, 15) if mode == "chain" else ()  # 16: every token [MASK] in the earliest step
+    masks = _fixed_masks(len(ids), 9, 13 if reuse else None, earlier=earlier)
     loss = T.loss_on_masks(model, ids, labels, masks, prev_model=prev_model if reuse else None)
-    # The same step by hand: dropped labels, [MASK] inputs, the prev step's features with boolean masks.
+    # The same step by hand: dropped labels, [MASK] inputs, the prev step's features with boolean masks
+    # (in a chain, each step of prev_model over the one before, the earliest without reuse).
     dropped = labels.clone()
     dropped[1] = CFG.num_classes
     inp = torch.where(masks.mask, CFG.vocab_size, ids)
     prev = None
     if reuse:
-        prev_inp = torch.where(masks.prev_mask, CFG.vocab_size, ids)
-        with torch.no_grad():
-            prev_out = prev_model.eval()(prev_inp, dropped)
+        prev_model.eval()
+        for step_mask in [m for m, _ in masks.earlier] + [masks.prev_mask]:
+            step_inp = torch.where(step_mask, CFG.vocab_size, ids)
+            with torch.no_grad():
+                step_out = prev_model(step_inp, dropped, prev)
+            prev = {"feat": step_out.feat, "masking": step_inp == CFG.vocab_size}
         prev_model.train()
-        prev = {"feat": prev_out.feat, "masking": prev_inp == CFG.vocab_size}
     logits = model(inp, dropped, prev).logits
     assert prev_model.training  # loss_on_masks restored the mode
     expected = _independent_loss(logits, ids, masks.mask)
@@ -86,7 +94,10 @@ def test_reuse_changes_the_loss():
     ids, labels = _batch()
     with_prev = T.loss_on_masks(model, ids, labels, _fixed_masks(len(ids), 9, 13), prev_model=model)
     without = T.loss_on_masks(model, ids, labels, _fixed_masks(len(ids), 9))
-    assert abs(with_prev.item() - without.item()) > 1e-6
+    chained = T.loss_on_masks(model, ids, labels, _fixed_masks(len(ids), 9, 13, earlier=(15,)), prev_model=model)
+    assert abs(with_prev.item() - without.item()) > 1e-6 and abs(chained.item() - with_prev.item()) > 1e-6
+    with pytest.raises(ValueError, match="prev_mask is None"):
+        T.loss_on_masks(model, ids, labels, _fixed_masks(len(ids), 9, None, earlier=(15,)), prev_model=model)
 
 
 def test_recipe_random_choices():
@@ -110,6 +121,29 @@ def test_recipe_random_choices():
     a = T.draw_masks(5, 16, reuse_prob=1.0, generator=torch.Generator().manual_seed(7))
     b = T.draw_masks(5, 16, reuse_prob=0.0, generator=torch.Generator().manual_seed(7))
     assert torch.equal(a.mask, b.mask) and torch.equal(a.label_drop, b.label_drop) and b.prev_mask is None
+    assert a.earlier == () and b.earlier == ()
+
+
+def test_chained_previous_steps():
+    """reuse_steps=K: chains of 1..K steps, each earlier step's mask a superset of the next one's, its count
+    the next count plus round(share x the next step's visible count); the other choices as without."""
+    g = torch.Generator().manual_seed(0)
+    lengths = []
+    for _ in range(300):
+        m = T.draw_masks(3, 64, reuse_prob=1.0, reuse_steps=3, generator=g)
+        lengths.append(len(m.earlier) + 1)
+        steps = [*m.earlier, (m.prev_mask, m.n_prev_masked), (m.mask, m.n_masked)]
+        for (before, n_before), (after, n_after) in zip(steps, steps[1:]):
+            assert (before.sum(1) == n_before).all() and n_after <= n_before <= 64
+            assert not (after & ~before).any()  # an earlier step masks a superset
+    assert set(lengths) == {1, 2, 3} and all(60 < lengths.count(k) < 140 for k in (1, 2, 3))
+    a = T.draw_masks(5, 16, reuse_prob=1.0, generator=torch.Generator().manual_seed(7))
+    b = T.draw_masks(5, 16, reuse_prob=1.0, reuse_steps=4, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.prev_mask, b.prev_mask) and a.n_prev_masked == b.n_prev_masked
+    assert torch.equal(a.label_drop, b.label_drop)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="reuse_steps"):
+            T.draw_masks(5, 16, reuse_steps=bad)
 
 
 def test_loss_is_reproducible_and_sharded_draws_match():
@@ -123,6 +157,13 @@ def test_loss_is_reproducible_and_sharded_draws_match():
     whole = T.loss(model, ids, labels, prev_model=ema.model, generator=torch.Generator().manual_seed(5))
     parts = [T.loss(model, ids[4 * i:4 * i + 4], labels[4 * i:4 * i + 4], prev_model=ema.model,
                     generator=torch.Generator().manual_seed(5), shard=(i, 2)) for i in range(2)]
+    torch.testing.assert_close((parts[0] + parts[1]) / 2, whole, rtol=1e-6, atol=1e-7)
+    # ... with chains of previous steps too (their masks sliced per shard).
+    chain = dict(prev_model=ema.model, reuse_prob=1.0, reuse_steps=3)
+    assert len(T.draw_masks(8, L, reuse_prob=1.0, reuse_steps=3, generator=torch.Generator().manual_seed(11)).earlier) == 2
+    whole = T.loss(model, ids, labels, generator=torch.Generator().manual_seed(11), **chain)
+    parts = [T.loss(model, ids[4 * i:4 * i + 4], labels[4 * i:4 * i + 4], generator=torch.Generator().manual_seed(11),
+                    shard=(i, 2), **chain) for i in range(2)]
     torch.testing.assert_close((parts[0] + parts[1]) / 2, whole, rtol=1e-6, atol=1e-7)
 
 
@@ -271,7 +312,7 @@ TINY_ARGS = ["--depth-enc", "1", "--depth-dec", "1", "--width", "32", "--heads",
 
 def test_resume_is_bit_identical(tmp_path):
     data = str(_token_file(tmp_path))
-    common = TINY_ARGS + ["--data", data, "--accum", "2"]
+    common = TINY_ARGS + ["--data", data, "--accum", "2", "--reuse-steps", "3"]
     straight, _ = enat.train.main(common + ["--out", str(tmp_path / "a"), "--steps", "4", "--ckpt-every", "2"])
     enat.train.main(common + ["--out", str(tmp_path / "b"), "--steps", "2", "--ckpt-every", "2"])
     resumed, _ = enat.train.main(common + ["--out", str(tmp_path / "b"), "--steps", "4", "--ckpt-every", "2",
@@ -311,3 +352,11 @@ def test_train_command_writes_a_checkpoint_and_samples(tmp_path):
     ids = np.load(out / "samples" / "step_0000004.npy")
     assert ids.shape == (16, 65) and ids[:, 1:].max() < 8
     assert (out / "checkpoints" / "latest.pt").exists()
+
+
+@pytest.mark.parametrize("bad, message", [(["--reuse-steps", "0"], "--reuse-steps"),
+                                          (["--batch", "6", "--accum", "4"], "--batch")])
+def test_train_command_rejects_bad_arguments(tmp_path, bad, message):
+    args = TINY_ARGS + ["--data", str(_token_file(tmp_path)), "--out", str(tmp_path / "run"), "--steps", "1"] + bad
+    with pytest.raises(SystemExit, match=message):
+        enat.train.main(args)
