@@ -192,6 +192,10 @@ def summarize(records, write=print):
         "torch-512": Target("generation ENAT-L 512px B16: best enat >= 1.8x best torch baseline", 1.8,
                             at_least=True),
         "cpu": Target("generation on a CPU: enat >= 1.25x paper-style", 1.25, at_least=True),
+        "train-paper": Target("training step (plain, reuse): enat-kernels >= 1.5x paper-style images/s", 1.5,
+                              at_least=True),
+        "train-torch": Target("training step (plain, reuse): enat-kernels ahead of torch-sdpa images/s", 1.0,
+                              at_least=True),
     }
     ceiling = next((r["TFLOP/s"] for r in records if r["op"] == "matmul ceiling" and r.get("TFLOP/s")), None)
     agreement = [r for r in records if r["op"] == "bf16 agreement"]
@@ -202,6 +206,8 @@ def summarize(records, write=print):
         op, mode, role = key[:3]
         if op.startswith("sample "):
             section = "generation"
+        elif op.startswith("train step"):
+            section = "training steps"
         elif role == "tiny":
             section = "host path (tiny shapes, eager latency)"
         else:
@@ -217,6 +223,8 @@ def summarize(records, write=print):
             for r in agreement:
                 write(f"  token agreement of the bf16 engine with the fp32 model ({r['shape']}): {r['agreement']:.1%}")
             _generation_table(rows, ceiling, targets, on_gpu, write)
+        elif section == "training steps":
+            _training_table(rows, targets, on_gpu, write)
         elif section.startswith("host path"):
             _host_table(rows, targets["host"], write)
         elif section.startswith(ATTENTION):
@@ -302,6 +310,32 @@ def _adaln_table(rows, write):
                  f"  {_seconds(base) / _seconds(auto):12.2f}x" if auto and base else f"  {'-':>13}",
                  f"  {_time(_eager(auto)) if auto else '-'}"]
         write(" ".join(cells))
+
+
+def _training_table(rows, targets, on_gpu, write):
+    """Training steps: images/s and peak memory per provider, enat-kernels against paper-style and
+    torch-sdpa; the training targets for the plain and reuse steps on a GPU."""
+    names = ["enat-kernels", "paper-style", "torch-sdpa"]
+    write(f"  {'model':<18} {'step':<6} {'shape':<10} " + " ".join(f"{n:>13}" for n in names)
+          + "  peak GB (each)       vs paper-style  vs torch-sdpa   (images/s)")
+    for key, providers in rows:
+        op, mode, _, shape, _, _ = key
+        rate = {n: providers[n]["images/s"] for n in names if providers.get(n, {}).get("images/s")}
+        peaks = " ".join(f"{providers[n]['peak_GB']:.1f}" if providers.get(n, {}).get("peak_GB") is not None
+                         else "-" for n in names)
+        cells = [f"  {op.removeprefix('train step '):<18} {mode:<6} {shape:<10}",
+                 " ".join(f"{rate[n]:13.1f}" if n in rate else f"{'-':>13}" for n in names), f"  {peaks:<20}"]
+        ours = rate.get("enat-kernels")
+        ratios = {n: ours / rate[n] for n in ("paper-style", "torch-sdpa") if ours and n in rate}
+        cells.append(" ".join(f"{_ratio(ratios[n]) if n in ratios else '-':>14}" for n in ("paper-style", "torch-sdpa")))
+        checks = []
+        if on_gpu and mode in ("plain", "reuse"):
+            where = f"{op} {mode} {shape}"
+            if "paper-style" in ratios:
+                checks.append(targets["train-paper"].check(ratios["paper-style"], where))
+            if "torch-sdpa" in ratios:
+                checks.append(targets["train-torch"].check(ratios["torch-sdpa"], where))
+        write(" ".join(cells) + ("  " + " ".join(checks) if checks else ""))
 
 
 def _host_table(rows, target, write):

@@ -2,12 +2,13 @@
 # GPU check: build the CUDA extension, run every test (the GPU ones included), run the op benchmarks
 # (asymmetric_attention at every shape of an 8-step ENAT-L generation at 256 and 512 px and at training
 # shapes, token movement at the trajectory's row counts: GPU time by triton.testing.do_bench, and eager
-# latency), the generation benchmarks, profile one generation run, and print a short summary table last
-# (benchmarks/summarize.py: each op against its baselines and the contract's targets, ok or MISS per
-# shape, and the worst shape per target). Meant for a machine with one NVIDIA GPU and torch, triton,
-# pytest, pytest-benchmark and ninja installed (pytest-xdist is used when present). Each stage has a
-# time cap, and the build and tests stop early enough to leave the op benchmarks their time, so that the
-# whole run ends within GPU_CHECK_SECONDS (default 540); a stage cut short is reported as such.
+# latency), the generation and training-step benchmarks, profile one generation run, and print a short
+# summary table last (benchmarks/summarize.py: each op against its baselines and the contract's targets,
+# ok or MISS per shape, and the worst shape per target). Meant for a machine with one NVIDIA GPU and
+# torch, triton, pytest, pytest-benchmark and ninja installed (pytest-xdist is used when present). Each
+# stage has a time cap, and the build and tests stop early enough to leave the op benchmarks their time,
+# so that the whole run ends within GPU_CHECK_SECONDS (default 540); a stage cut short is reported as
+# such.
 #
 #   bash scripts/gpu_check.sh            # results go to $OUT (or ./gpu-check) as JSON and text
 set -uo pipefail
@@ -74,9 +75,16 @@ grep -E "passed|failed" "$OUT_DIR/bench.txt" | tail -1
 # Generation: ENAT-S/B/L at 256 px (batch 32 and 128) and ENAT-L at 512 px (batch 16), engine, plain-PyTorch
 # baseline (eager and graph) and paper-style; the bf16 matmul ceiling; bf16 token agreement.
 step "benchmarks: generation"
-capped 200 15 $PY -m pytest benchmarks/bench_model.py --benchmark-only -q -m "not extended" -p no:cacheprovider \
+capped 200 75 $PY -m pytest benchmarks/bench_model.py --benchmark-only -q -m "not extended" -p no:cacheprovider \
     --benchmark-columns=median,rounds --benchmark-json="$OUT_DIR/bench_model.json" > "$OUT_DIR/bench_model.txt" 2>&1 || status=1
 tail -3 "$OUT_DIR/bench_model.txt"
+
+# Training steps: ENAT-B and ENAT-L at 256 px, bf16 autocast, batch 128, plain and reuse steps; this
+# package's kernels against paper-style and plain PyTorch (images/s, peak memory).
+step "benchmarks: training steps"
+capped 120 15 $PY -m pytest benchmarks/bench_train.py --benchmark-only -q -m "not extended" -p no:cacheprovider \
+    --benchmark-columns=median,rounds --benchmark-json="$OUT_DIR/bench_train.json" > "$OUT_DIR/bench_train.txt" 2>&1 || status=1
+tail -3 "$OUT_DIR/bench_train.txt"
 
 step "profile: ENAT-L 256 px, batch 128"
 { capped 40 10 $PY benchmarks/profile_sample.py ENAT-L --batch 128 --top 12
@@ -84,7 +92,7 @@ step "profile: ENAT-L 256 px, batch 128"
 grep "images/s\|device busy" "$OUT_DIR/profile.txt"
 
 step "summary"
-results=$(for f in "$OUT_DIR/bench_model.json" "$OUT_DIR/bench.json"; do [ -s "$f" ] && echo "$f"; done)
+results=$(for f in "$OUT_DIR/bench_model.json" "$OUT_DIR/bench_train.json" "$OUT_DIR/bench.json"; do [ -s "$f" ] && echo "$f"; done)
 [ -n "$results" ] && $PY benchmarks/summarize.py $results 2>&1 | tee "$OUT_DIR/summary.txt"
 echo "status: $([ $status -eq 0 ] && echo OK || echo FAILED)"
 exit $status
