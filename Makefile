@@ -30,8 +30,8 @@ test: setup cpp
 bench: setup
 	$(PY) -m pytest benchmarks/ --benchmark-only $(BENCH_FLAGS)
 
-# Trains a tiny ENAT on the package's own pattern grids on a CPU (a few minutes), samples with and
-# without reuse, prints the checker's scores and writes docs/demo.png (README, "The demo").
+# Trains a tiny ENAT on the package's own pattern grids on a CPU (about ten minutes on two cores),
+# samples with and without reuse, prints the checker's scores and writes docs/demo.png (README, "The demo").
 demo: setup
 	$(PY) -m enat.demo
 

@@ -1,4 +1,4 @@
-"""A demo that shows ENAT learning, on a CPU in a few minutes: `python -m enat.demo` (`make demo`).
+"""A demo that shows ENAT learning, on a CPU in about ten minutes: `python -m enat.demo` (`make demo`).
 
 The data: "pattern grids", a class-conditional token dataset the package makes itself (no download,
 deterministic): 8 x 8 grids (resolution 128) over a palette of 8 colours (vocab_size 8), 8 classes:
