@@ -14,8 +14,9 @@ and `reuse` (the EMA model runs the previous step with a further half of the vis
 the trained model encodes only the critical tokens over prev_proj of the cached features); and, for
 this package's kernels only (`extended`), `chain`: the longest chain of `reuse_steps=4` (three earlier
 steps, each masking a further half of the visible tokens), the cost of that option.
-Targets (README, "Benchmarks"; summarize.py checks them on a GPU): enat-kernels at least 1.5x paper-style and
-ahead of torch-sdpa in images/s, for the plain and reuse steps; the peak memory of each is recorded.
+Targets (README, "Benchmarks"; summarize.py checks them on a GPU): enat-kernels at least 1.5x
+paper-style and ahead of torch-sdpa in images/s, for the plain and reuse steps; the peak memory of
+each is recorded.
 
 On a CPU only a tiny configuration runs (a smoke test with --benchmark-disable; a few rounds timed
 otherwise): ENAT-B/L training steps are GPU work.

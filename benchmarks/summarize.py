@@ -327,7 +327,8 @@ def _training_table(rows, targets, on_gpu, write):
                  " ".join(f"{rate[n]:13.1f}" if n in rate else f"{'-':>13}" for n in names), f"  {peaks:<20}"]
         ours = rate.get("enat-kernels")
         ratios = {n: ours / rate[n] for n in ("paper-style", "torch-sdpa") if ours and n in rate}
-        cells.append(" ".join(f"{_ratio(ratios[n]) if n in ratios else '-':>14}" for n in ("paper-style", "torch-sdpa")))
+        cells.append(" ".join(f"{_ratio(ratios[n]) if n in ratios else '-':>14}"
+                              for n in ("paper-style", "torch-sdpa")))
         checks = []
         if on_gpu and mode in ("plain", "reuse"):
             where = f"{op} {mode} {shape}"

@@ -33,11 +33,12 @@ The recipe (docs/MODEL.md, "Training recipe"), per batch:
 - Cross-entropy with label smoothing 0.1 over the masked positions only.
 
 Randomness: the ratio, the coin, the reuse share, the masked positions, the label dropout and the
-chain (with reuse_steps > 1) are drawn on the CPU from `generator` in a fixed order (the same draws whether or not the batch reuses,
-whatever the device), then moved to the model's device; the mask counts are passed to the model, so
-a step never waits on the device. Under data parallelism every rank holds the same generator and
-draws the global batch's masks, keeping its own rows (`shard=(rank, world_size)`), so N processes
-compute exactly the masks of one process on the whole batch.
+chain (with reuse_steps > 1) are drawn on the CPU from `generator` in a fixed order (the same draws
+whether or not the batch reuses, whatever the device), then moved to the model's device; the mask
+counts are passed to the model, so a step never waits on the device. Under data parallelism every
+rank holds the same generator and draws the global batch's masks, keeping its own rows
+(`shard=(rank, world_size)`), so N processes compute exactly the masks of one process on the whole
+batch.
 """
 
 import copy
