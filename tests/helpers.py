@@ -111,6 +111,18 @@ def perturbed(model_class, cfg, dtype=torch.float64, seed=0):
 INTERPRETED_BF16 = "the Triton interpreter computes bf16 wrongly (a known interpreter limit); bf16 runs on a GPU"
 
 
+def replaced(inputs, changes):
+    """(inputs, kwargs) for a bad-input case: each change to a name in `inputs` (a dict of valid tensors)
+    replaces it (a callable is applied to the valid tensor), any other change is an extra keyword."""
+    kwargs = {}
+    for k, v in changes.items():
+        if k in inputs:
+            inputs[k] = v(inputs[k]) if callable(v) else v
+        else:
+            kwargs[k] = v
+    return inputs, kwargs
+
+
 def backend_params(backends, dtypes, devices):
     """pytest params of (backend, dtype) for the named dtypes {id: dtype}, marked to skip where the
     platform cannot run them; `devices` maps each backend to the device its tensors live on."""

@@ -414,14 +414,7 @@ def test_compiled_backward_matches_eager():
 
 def _bad(**changes):
     """Valid fp32 inputs (B=2, L=3, d=16) with some replaced."""
-    t = make_inputs(2, 3, 16)
-    kwargs = {}
-    for k, v in changes.items():
-        if k in t:
-            t[k] = v(t[k]) if callable(v) else v
-        else:
-            kwargs[k] = v
-    return t, kwargs
+    return helpers.replaced(make_inputs(2, 3, 16), changes)
 
 
 BAD_INPUTS = {

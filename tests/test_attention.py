@@ -321,14 +321,7 @@ def test_op_backward_matches_oracle_gradients():
 def _bad(**changes):
     """Valid fp32 inputs (B=2, H=3, Lq=4, Lc=5, Ls=6, D=16) with some replaced."""
     q, kc, vc, ks, vs = make_inputs(2, 3, 4, 5, 6, 16)
-    args = dict(q=q, k_ctx=kc, v_ctx=vc, k_self=ks, v_self=vs)
-    kwargs = {}
-    for k, v in changes.items():
-        if k in args:
-            args[k] = v(args[k]) if callable(v) else v
-        else:
-            kwargs[k] = v
-    return args, kwargs
+    return helpers.replaced(dict(q=q, k_ctx=kc, v_ctx=vc, k_self=ks, v_self=vs), changes)
 
 
 BAD_INPUTS = {
