@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1
-BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
+BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h')
 CMAKE_BUILD := build/cmake
 # pytest-benchmark's own timing is the eager latency (a few rounds suffice); GPU time comes from do_bench.
 # -rs lists why each skipped case was skipped (a provider the machine cannot run).
@@ -16,16 +16,20 @@ BENCH_FLAGS ?= -rs --benchmark-columns=median,iqr,rounds --benchmark-max-time=0.
 
 $(VENV)/.ready: $(BUILD_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH)" numpy tqdm Pillow pytest pytest-benchmark ninja einops setuptools wheel
+	$(PY) -m pip install -q "$(TORCH)" numpy tqdm Pillow pytest pytest-benchmark ninja einops setuptools wheel \
+		pytorch-fid scipy
 	$(PY) -m pip install -q --no-build-isolation -e .
 	$(PY) -c "import enat_kernels as e; print('enat_kernels: CUDA extension', 'built' if e.EXTENSION_LOADED else 'not available: ' + e.EXTENSION_ERROR)"
 	touch $@
 
 setup: $(VENV)/.ready
 
+# The last step checks every op on every backend that runs here against float64 PyTorch (README,
+# "Checking an installation"); TRITON_INTERPRET=1 runs the Triton kernels in the interpreter on a CPU.
 test: setup cpp
 	$(PY) -m pytest tests/ -ra
 	$(PY) -m pytest benchmarks/ --benchmark-disable -q
+	TRITON_INTERPRET=1 $(PY) -m enat_kernels --check
 
 bench: setup
 	$(PY) -m pytest benchmarks/ --benchmark-only $(BENCH_FLAGS)

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_ARCHS = "8.0;9.0"
 GIB_PER_JOB = 8  # nvcc on a translation unit that includes the torch headers
 HIDDEN = ("-fvisibility=hidden", "-fvisibility-inlines-hidden")
+NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]  # scripts/cuda_resources.py compiles with these too
 
 
 def _find_cuda_home():
@@ -111,7 +112,7 @@ def _extension_kwargs():
         # from these headers can interpose on, or be interposed by, another library's copy.
         extra_compile_args={
             "cxx": ["-O3", *HIDDEN],
-            "nvcc": ["-O3", "--use_fast_math", "-lineinfo", *(f"-Xcompiler={flag}" for flag in HIDDEN)],
+            "nvcc": [*NVCC_FLAGS, *(f"-Xcompiler={flag}" for flag in HIDDEN)],
         },
     )
     print(
@@ -130,7 +131,8 @@ setup(
     packages=find_packages(include=["enat_kernels", "enat_kernels.*", "enat", "enat.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "numpy", "tqdm", "Pillow"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "einops"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "einops"],
+                    "eval": ["pytorch-fid", "scipy"]},  # python -m enat.evaluate (pytorch-fid brings torchvision)
     zip_safe=False,
     **_extension_kwargs(),
 )

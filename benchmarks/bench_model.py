@@ -12,6 +12,10 @@ Providers (8 steps, the paper's sampler settings for the resolution, the same we
 - enat-no-reuse and plain-nat (the ablations; `extended`, so `make bench` only on a GPU).
 - enat+pixels and enat-graph+pixels (bench_sample_pixels): the engine followed by the VQGAN decoder
   (enat.vq, bf16, channels_last), images/s from class labels to pixels.
+bench_sample_host times the host path of eager generation: `enat` against `torch` on a model with
+ENAT-L's depth (22 + 2 blocks) at a tiny width (32, 2 heads, 16 tokens), where the time is almost all
+Python and dispatch: batch 1 on one CPU thread; on a GPU batch 1, 8 and 32 (targets: at most 1.0x the
+baseline's time on the CPU, 1.1x on the GPU at batch 1, ahead of it from batch 8).
 Sizes on a GPU: ENAT-S/B/L at 256 px with batch 32 and 128, ENAT-L at 512 px with batch 16 (the other
 512 px cases `extended`). On a CPU in fp32 at batch 2, ENAT-S and ENAT-B at 256 px (a smoke run with
 --benchmark-disable generates once per provider with ENAT-S only). bench_matmul_ceiling measures the
@@ -109,6 +113,32 @@ def bench_sample(benchmark, name, resolution, batch, provider):
         generate()
         torch.cuda.synchronize()
         info["peak_GB"] = torch.cuda.max_memory_allocated() / 2**30
+
+
+HOST_CONFIG = enat.ENATConfig("ENAT-L depth, width 32", depth_enc=22, depth_dec=2, width=32, heads=2, resolution=64)
+HOST_BATCHES = (1, 8, 32) if ON_GPU else (1,)
+
+
+@pytest.fixture
+def one_thread():
+    """The host-path benchmark runs on one CPU thread (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("provider", ["enat", "torch"])
+@pytest.mark.parametrize("batch", HOST_BATCHES)
+def bench_sample_host(benchmark, one_thread, batch, provider):
+    """Eager generation where host cost dominates (HOST_CONFIG): the engine against plain PyTorch."""
+    labels = torch.arange(batch, device=DEVICE) * 37 % 1000
+    settings = dict(steps=STEPS, cfg_scale=HOST_CONFIG.cfg_scale, mask_temp=HOST_CONFIG.mask_temp,
+                    samp_temp=HOST_CONFIG.samp_temp)
+    generate = _generate_fn(provider, _model("enat", HOST_CONFIG, DTYPE), labels, settings)
+    measure(benchmark, generate, op="eager sampling (host-bound)", provider=provider, mode="generate",
+            shape=f"B{batch} T{STEPS}", dtype=DTYPE, images=batch, role="host", rounds=None if ON_GPU else 20)
+    benchmark.extra_info["threads"] = torch.get_num_threads()
 
 
 _vqgans = {}

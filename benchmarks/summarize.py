@@ -20,6 +20,9 @@ The GPU targets are checked only on results that have GPU time; the host-path on
 Whole-generation results (bench_model.py): images/s per provider, and for the engine's best (eager or
 CUDA graph) TFLOP/s, share of the bf16 matmul ceiling measured in the same run, peak memory, and the
 speed-up over the plain-PyTorch baseline and the paper-style path, with the generation targets.
+Eager sampling where host cost dominates (bench_sample_host): enat's time against the plain-PyTorch
+baseline's, at most 1.0x on a CPU (one thread), at most 1.1x on a GPU at batch 1 and at most 1.0x from
+batch 8.
 """
 
 import json
@@ -192,6 +195,10 @@ def summarize(records, write=print):
         "torch-512": Target("generation ENAT-L 512px B16: best enat >= 1.8x best torch baseline", 1.8,
                             at_least=True),
         "cpu": Target("generation on a CPU: enat >= 1.25x paper-style", 1.25, at_least=True),
+        "host-cpu": Target("eager sampling (host-bound) on a CPU: enat time <= 1.0x torch baseline", 1.0),
+        "host-gpu-1": Target("eager sampling (host-bound) on a GPU, batch 1: enat time <= 1.1x torch baseline", 1.1),
+        "host-gpu-8": Target("eager sampling (host-bound) on a GPU, batch >= 8: enat time <= 1.0x torch baseline",
+                             1.0),
         "train-paper": Target("training step (plain, reuse): enat-kernels >= 1.5x paper-style images/s", 1.5,
                               at_least=True),
         "train-torch": Target("training step (plain, reuse): enat-kernels ahead of torch-sdpa images/s", 1.0,
@@ -204,7 +211,9 @@ def summarize(records, write=print):
     sections = {}
     for key, providers in cases.items():
         op, mode, role = key[:3]
-        if op.startswith("sample "):
+        if op.startswith("eager sampling"):
+            section = "eager sampling (host-bound)"
+        elif op.startswith("sample "):
             section = "generation"
         elif op.startswith("train step"):
             section = "training steps"
@@ -225,6 +234,8 @@ def summarize(records, write=print):
             _generation_table(rows, ceiling, targets, on_gpu, write)
         elif section == "training steps":
             _training_table(rows, targets, on_gpu, write)
+        elif section.startswith("eager sampling"):
+            _sampling_host_table(rows, targets, on_gpu, write)
         elif section.startswith("host path"):
             _host_table(rows, targets["host"], write)
         elif section.startswith(ATTENTION):
@@ -234,7 +245,8 @@ def summarize(records, write=print):
         else:
             _token_table(rows, targets, on_gpu, write)
 
-    shown = [t for name, t in targets.items() if t.results or (on_gpu and name not in ("host", "cpu"))]
+    shown = [t for name, t in targets.items()
+             if t.results or (on_gpu and name not in ("host", "cpu", "host-cpu"))]
     if shown:
         write("")
         write("targets (worst shape)")
@@ -337,6 +349,22 @@ def _training_table(rows, targets, on_gpu, write):
             if "torch-sdpa" in ratios:
                 checks.append(targets["train-torch"].check(ratios["torch-sdpa"], where))
         write(" ".join(cells) + ("  " + " ".join(checks) if checks else ""))
+
+
+def _sampling_host_table(rows, targets, on_gpu, write):
+    """Eager generation where host cost dominates: ms per batch of enat and torch, and their ratio."""
+    write(f"  {'shape':<10} {'dtype':<9} {'enat ms':>9} {'torch ms':>9}  enat/torch")
+    for key, providers in rows:
+        _, _, _, shape, dtype, _ = key
+        ours, base = providers.get("enat"), providers.get("torch")
+        cells = [f"  {shape:<10} {dtype:<9} {_eager(ours) * 1e3 if ours else float('nan'):9.2f} "
+                 f"{_eager(base) * 1e3 if base else float('nan'):9.2f}"]
+        if ours and base:
+            value = _eager(ours) / _eager(base)
+            batch = int(shape.split()[0].removeprefix("B"))
+            name = "host-cpu" if not on_gpu else "host-gpu-1" if batch < 8 else "host-gpu-8"
+            cells.append(f"  {value:9.2f}x {targets[name].check(value, f'{shape} {dtype}')}")
+        write("".join(cells))
 
 
 def _host_table(rows, target, write):

@@ -10,14 +10,28 @@ classifier-free guidance, a plain-NAT baseline and the paper's FLOP counter.
     loss = enat.training.loss(model, ids, labels, prev_model=ema.model)  # the paper's recipe (python -m enat.train)
 """
 
+import warnings
+
 from . import flops, paper_style, torch_baseline
 from . import vq
 from . import training
 from .checkpoint import load_official
-from .config import MASK_ID, NULL_CLASS, ENATConfig, config
+from . import config as _config
+from .config import ENATConfig, config
 from .model import ENAT, ENATOutput, PlainNAT
 from .sampler import GraphedSampler, sample
 from .schedule import mask_schedule
 
 __all__ = ["ENAT", "ENATConfig", "ENATOutput", "GraphedSampler", "PlainNAT", "config", "flops", "load_official",
-           "mask_schedule", "sample", "training", "vq", "MASK_ID", "NULL_CLASS"]
+           "mask_schedule", "sample", "training", "vq"]
+
+# The ImageNet values once exported here; a model's own are model.cfg.mask_id and model.cfg.null_class.
+_DEPRECATED = {"MASK_ID": "model.cfg.mask_id", "NULL_CLASS": "model.cfg.null_class"}
+
+
+def __getattr__(name):
+    if name in _DEPRECATED:
+        warnings.warn(f"enat.{name} is the ImageNet value ({getattr(_config, name)}) and wrong for other vocabularies "
+                      f"or class counts; use {_DEPRECATED[name]}", DeprecationWarning, stacklevel=2)
+        return getattr(_config, name)
+    raise AttributeError(f"module 'enat' has no attribute {name!r}")

@@ -22,9 +22,10 @@ of at most one class. Uniformly random grids and shuffled real grids fail it.
 The run: a tiny ENAT (4 encoder blocks + 2 decoder blocks, width 64, 4 heads; 0.6M parameters)
 trained with enat.training (the paper's recipe, with reuse on half of the batches, the EMA model
 giving the previous step's features, in chains of up to REUSE_STEPS previous steps) on the
-reference kernels for 5000 steps of 64 grids, then 12-step sampling (cfg_scale 2, samp_temp 0.25)
-from the EMA model with and without reuse; the checker's score for each, and a PNG of real and
-generated grids.
+reference kernels for 5000 steps of 64 grids, then 12-step sampling from the EMA model (decay 0.99,
+warmed up: enat.training.EMA) with and without reuse, with the sampler settings of DEMO_CONFIG
+(cfg_scale 2, mask_temp 1, samp_temp 0.25; --cfg-scale, --mask-temp and --samp-temp override them);
+the checker's score for each, and a PNG of real and generated grids.
 """
 
 import argparse
@@ -37,7 +38,7 @@ import torch
 
 from .config import ENATConfig
 from .model import ENAT
-from .sampler import sample
+from .sampler import sample, settings as sampler_settings
 from . import training
 
 GRID = 8
@@ -215,19 +216,28 @@ def _print(*args):
     print(*args, flush=True)
 
 
-def train(cfg=DEMO_CONFIG, *, steps=STEPS, batch=64, lr=LR, warmup=100, ema_decay=0.99, reuse_prob=0.5,
-          reuse_steps=REUSE_STEPS, seed=0, pos_std=POSITION_STD, data=None, progress=True, log=_print):
-    """Train cfg on the pattern grids with enat.training; returns the EMA model."""
+def init_model(cfg=DEMO_CONFIG, *, seed=0, pos_std=POSITION_STD):
+    """The untrained model `train` starts from (deterministic in seed), in training mode."""
+    torch.manual_seed(seed)
+    model = ENAT(cfg).train()
+    if pos_std is not None:  # see POSITION_STD
+        torch.nn.init.normal_(model.x_embedder.position_embeddings.weight, std=pos_std)
+    return model
+
+
+def train(cfg=DEMO_CONFIG, *, steps=STEPS, batch=64, lr=LR, warmup=100, ema_decay=0.99, ema_warmup=True,
+          reuse_prob=0.5, reuse_steps=REUSE_STEPS, seed=0, pos_std=POSITION_STD, data=None, progress=True,
+          log=_print, on_step=None):
+    """Train init_model(cfg, seed=seed, pos_std=pos_std) on the pattern grids (`data`, rows as
+    make_dataset's) with enat.training; on_step(model), if given, runs after every step's EMA update.
+    Returns (the model, its enat.training.EMA)."""
     from tqdm.auto import tqdm
 
     data = make_dataset() if data is None else data
     ids_all = torch.from_numpy(data[:, 1:].astype(np.int64))
     labels_all = torch.from_numpy(data[:, 0].astype(np.int64))
-    torch.manual_seed(seed)
-    model = ENAT(cfg).train()
-    if pos_std is not None:  # see POSITION_STD
-        torch.nn.init.normal_(model.x_embedder.position_embeddings.weight, std=pos_std)
-    ema = training.EMA(model, ema_decay)
+    model = init_model(cfg, seed=seed, pos_std=pos_std)
+    ema = training.EMA(model, ema_decay, warmup=ema_warmup)
     opt, sched = training.optimizer(model, lr=lr, warmup=warmup)
     gen = torch.Generator().manual_seed(seed)
     running, t0 = None, time.time()
@@ -241,21 +251,24 @@ def train(cfg=DEMO_CONFIG, *, steps=STEPS, batch=64, lr=LR, warmup=100, ema_deca
         sched.step()
         opt.zero_grad(set_to_none=True)
         ema.update(model)
+        if on_step is not None:
+            on_step(model)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.set_postfix(loss=f"{running:.3f}")
         if log and (step + 1) % 250 == 0:
             log(f"step {step + 1}/{steps}: loss {running:.3f}, {(step + 1) * batch / (time.time() - t0):.0f} grids/s")
-    return ema.model
+    return model, ema
 
 
-def evaluate(model, *, per_class=256, seed=0, steps=SAMPLE_STEPS):
-    """Sample per_class grids of every class with and without reuse; returns {mode: (grids, labels, judged)}."""
-    cfg = model.cfg
-    labels = torch.arange(cfg.num_classes).repeat_interleave(per_class)
+def evaluate(model, *, per_class=256, seed=0, modes=("reuse", "no reuse"), steps=SAMPLE_STEPS, cfg_scale=None,
+             mask_temp=None, samp_temp=None):
+    """Sample per_class grids of every class with reuse and without (`modes`); cfg_scale, mask_temp
+    and samp_temp None are model.cfg's. Returns {mode: (grids, labels, judged)}."""
+    labels = torch.arange(model.cfg.num_classes).repeat_interleave(per_class)
     out = {}
-    for mode, reuse in (("reuse", True), ("no reuse", False)):
-        ids = sample(model, labels, steps=steps, cfg_scale=cfg.cfg_scale, mask_temp=cfg.mask_temp,
-                     samp_temp=cfg.samp_temp, reuse=reuse, generator=torch.Generator().manual_seed(seed))
+    for mode in modes:
+        ids = sample(model, labels, steps=steps, cfg_scale=cfg_scale, mask_temp=mask_temp, samp_temp=samp_temp,
+                     reuse={"reuse": True, "no reuse": False}[mode], generator=torch.Generator().manual_seed(seed))
         grids, lab = ids.numpy(), labels.numpy()
         out[mode] = (grids, lab, judge(grids, lab))
     return out
@@ -271,6 +284,10 @@ def main(argv=None):
     parser.add_argument("--per-class", type=int, default=256,
                         help="generated grids per class for the scores (256: 2048 grids, a standard error of about "
                              "0.7 points at 90%%)")
+    parser.add_argument("--sample-steps", type=int, default=SAMPLE_STEPS, help="sampling steps")
+    for name in ("cfg-scale", "mask-temp", "samp-temp"):
+        parser.add_argument(f"--{name}", type=float, default=None,
+                            help=f"the sampler's {name.replace('-', '_')} (default: the demo config's)")
     parser.add_argument("--out", default="docs/demo.png", help="the PNG of real and generated grids")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-progress", action="store_true")
@@ -292,11 +309,13 @@ def main(argv=None):
         model.load_state_dict(torch.load(args.load_model, weights_only=True))
     else:
         model = train(steps=args.steps, batch=args.batch, reuse_steps=args.reuse_steps, seed=args.seed, data=data,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress)[1].model
     if args.save_model:
         torch.save(model.state_dict(), args.save_model)
     train_s = time.time() - t0
-    results = evaluate(model, per_class=args.per_class, seed=args.seed)
+    settings = {"steps": args.sample_steps, **sampler_settings(model, args.cfg_scale, args.mask_temp, args.samp_temp)}
+    _print("sampler settings: " + ", ".join(f"{k} {v}" for k, v in settings.items()))
+    results = evaluate(model, per_class=args.per_class, seed=args.seed, **settings)
     scores = {}
     for mode, (grids, labels, ok) in results.items():
         per_class = " ".join(f"{name} {ok[labels == c].mean():.0%}" for c, name in enumerate(CLASSES))

@@ -25,6 +25,13 @@ def _gumbel(u, dtype):
     return -torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float32).tiny)))
 
 
+def settings(model, cfg_scale=None, mask_temp=None, samp_temp=None):
+    """The sampler settings, each None taken from model.cfg (the paper's values for its resolution):
+    a dict with cfg_scale, mask_temp and samp_temp."""
+    given = dict(cfg_scale=cfg_scale, mask_temp=mask_temp, samp_temp=samp_temp)
+    return {name: getattr(model.cfg, name) if value is None else value for name, value in given.items()}
+
+
 def _check(model, labels, steps, cfg_scale, mask_temp, samp_temp, generator):
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype != torch.int64:
         raise ValueError(f"labels must be a (B,) int64 tensor of classes, got "
@@ -50,7 +57,7 @@ def _check(model, labels, steps, cfg_scale, mask_temp, samp_temp, generator):
 
 
 @torch.no_grad()
-def sample(model, labels, *, steps=8, cfg_scale=2.5, mask_temp=1.5, samp_temp=6.0, reuse=True, generator=None,
+def sample(model, labels, *, steps=8, cfg_scale=None, mask_temp=None, samp_temp=None, reuse=True, generator=None,
            cfg_batch=True, progress=False):
     """Generate token ids (B, L) for labels (B,) int64 with an enat.ENAT or enat.PlainNAT.
 
@@ -58,11 +65,12 @@ def sample(model, labels, *, steps=8, cfg_scale=2.5, mask_temp=1.5, samp_temp=6.
     Both CFG branches (labels, and the null class) run as one forward of 2B rows, each row keeping its
     own cache (cfg_batch=False runs them as two passes, as the paper's code does; same ids).
     reuse=False runs ENAT without feature reuse (the disentangled model); PlainNAT reuses nothing.
-    The paper's defaults are cfg_scale 2.5, mask_temp 1.5, samp_temp 6 at 256 px and 3.5, 1.5, 4 at
-    512 px (model.cfg holds them). The step loop reads nothing back from the device: every count
+    cfg_scale, mask_temp and samp_temp default to model.cfg's (the paper's: 2.5, 1.5, 6 at 256 px and
+    3.5, 1.5, 4 at 512 px). The step loop reads nothing back from the device: every count
     is known from the schedule. The model runs in eval mode (no dropout, no label dropout), so the
     same generator gives the same ids; a model in training mode is switched back afterwards.
     progress=True shows a progress bar over the steps (tqdm, on stderr)."""
+    cfg_scale, mask_temp, samp_temp = settings(model, cfg_scale, mask_temp, samp_temp).values()
     _check(model, labels, steps, cfg_scale, mask_temp, samp_temp, generator)
     was_training = model.training
     model.eval()
@@ -117,9 +125,9 @@ class GraphedSampler:
     The graph reads the model's parameters in place (update them with copy_, not by assignment) and
     draws from its own generator, seeded per call. autocast=None runs in the model's dtype; a float16
     or bfloat16 dtype captures under torch.autocast (construct the sampler outside autocast).
-    Settings as in `sample`."""
+    Settings as in `sample` (None: model.cfg's)."""
 
-    def __init__(self, model, batch, *, steps=8, cfg_scale=2.5, mask_temp=1.5, samp_temp=6.0, reuse=True,
+    def __init__(self, model, batch, *, steps=8, cfg_scale=None, mask_temp=None, samp_temp=None, reuse=True,
                  autocast=None):
         device = model.x_embedder.word_embeddings.weight.device
         if device.type != "cuda":
@@ -134,12 +142,12 @@ class GraphedSampler:
         self.batch = batch
         self.labels = torch.zeros(batch, dtype=torch.int64, device=device)
         self.generator = torch.Generator(device)
-        settings = dict(steps=steps, cfg_scale=cfg_scale, mask_temp=mask_temp, samp_temp=samp_temp, reuse=reuse)
-        _check(model, self.labels, steps, cfg_scale, mask_temp, samp_temp, self.generator)
+        chosen = dict(steps=steps, reuse=reuse, **settings(model, cfg_scale, mask_temp, samp_temp))
+        _check(model, self.labels, steps, chosen["cfg_scale"], chosen["mask_temp"], chosen["samp_temp"], self.generator)
 
         def run():
             with torch.autocast("cuda", autocast or torch.float16, enabled=autocast is not None, cache_enabled=False):
-                return sample(model, self.labels, generator=self.generator, **settings)
+                return sample(model, self.labels, generator=self.generator, **chosen)
 
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))

@@ -21,7 +21,7 @@ import sys
 import numpy as np
 import torch
 
-from .generate import DTYPES, CommandError, add_device_args, default_device, load_vq
+from .cli import DTYPES, CommandError, add_device_args, default_device, load_vq
 
 
 def center_crop_arr(image, size):

@@ -10,7 +10,8 @@ layout of the paper's code; enat.training.TokenDataset, memory-mapped). The reci
 enat.training's (Beta(12, 3) mask ratio, reuse on `--reuse-prob` of the batches with the EMA model's
 features, chains of up to `--reuse-steps` previous steps (1: the paper's), label smoothing 0.1, label
 dropout 0.15 + 0.1, AdamW (0.99, 0.99), weight decay 0.03 on Linear weights, linear warm-up then
-constant lr).
+constant lr). The EMA's decay `--ema` is warmed up, min(decay, (1 + t) / (10 + t)) at update t
+(enat.training.EMA); `--no-ema-warmup` keeps it fixed from the start, as the paper does.
 
 With WORLD_SIZE > 1 (torchrun) the processes form a torch.distributed group (NCCL on GPUs, gloo on
 CPUs) and train one DistributedDataParallel model: each optimizer step takes `--batch` rows (the
@@ -22,9 +23,12 @@ one process on the global batch (up to the order of floating-point sums).
 OUT/ receives log.txt (a line per --log-every steps: loss, lr, images/s), checkpoints/step_XXXXXXX.pt
 and checkpoints/latest.pt (model, EMA, optimizer, scheduler, grad scaler, step, every rank's RNG
 states, the loss generator, the config and arguments; the model and EMA weights under the official
-key names, so enat.load_official(ckpt["ema"], cfg) loads them), and samples/step_XXXXXXX.png / .npy
-(grids sampled from the EMA model, one class per row; the PNG colours each token id, since there is
-no VQ decoder here). `--resume` continues bit for bit on the same device type and process count.
+key names, the EMA's under "state_dict" beside its update count, so enat.load_official(ckpt["ema"],
+cfg) loads them), and samples/step_XXXXXXX.png / .npy (grids sampled from the EMA model, one class
+per row, with the sampler settings of the config unless --cfg-scale, --mask-temp or --samp-temp
+say otherwise; the PNG colours each token id, since there is no VQ decoder here). `--resume`
+continues bit for bit on the same device type and process count; a checkpoint written before the
+EMA stored its update count resumes with the count set to its step (one update per step).
 """
 
 import argparse
@@ -43,7 +47,7 @@ import torch.distributed as dist
 from . import training
 from .config import ENATConfig, config as named_config
 from .model import ENAT
-from .sampler import sample
+from .sampler import sample, settings as sampler_settings
 
 
 def build_parser():
@@ -68,6 +72,9 @@ def build_parser():
     g.add_argument("--steps", type=int, default=100_000, help="optimizer steps in all")
     g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0: off, the paper's)")
     g.add_argument("--ema", type=float, default=training.EMA_DECAY, help="EMA decay")
+    g.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="warm the EMA decay up: min(decay, (1 + t) / (10 + t)) at update t (default; "
+                        "--no-ema-warmup: the paper's fixed decay)")
     g.add_argument("--reuse-prob", type=float, default=training.REUSE_PROB)
     g.add_argument("--reuse-steps", type=int, default=1,
                    help="longest chain of previous steps in reuse batches (1: the paper's recipe; "
@@ -84,6 +91,10 @@ def build_parser():
     g.add_argument("--sample-every", type=int, default=5000, help="0: never")
     g.add_argument("--sample-per-class", type=int, default=4)
     g.add_argument("--sample-classes", type=int, default=16, help="first classes to sample")
+    g.add_argument("--sample-steps", type=int, default=8, help="sampling steps of the sample grids")
+    for name in ("cfg-scale", "mask-temp", "samp-temp"):
+        g.add_argument(f"--{name}", type=float, default=None,
+                       help=f"{name.replace('-', '_')} of the sample grids (default: the config's)")
     g.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from OUT/checkpoints/latest.pt, or from the checkpoint given")
     g.add_argument("--no-progress", action="store_true")
@@ -147,6 +158,17 @@ class Distributed:
             dist.destroy_process_group()
 
 
+def data_parallel(model, device):
+    """`model` in DistributedDataParallel, without find_unused_parameters: enat.training.loss makes
+    every parameter take part in every step (the ones a step's forward skips, prev_proj without reuse
+    and the encoder in a reuse step without critical tokens, enter the loss with weight 0; see
+    enat.training.skipped_parameters), so DDP's reduction gets every gradient without the extra
+    autograd traversal that find_unused_parameters costs each step (and the warning it gives when it
+    finds nothing)."""
+    device_ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
 def _rng_state(device):
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -185,15 +207,15 @@ def palette(vocab_size):
     return np.random.default_rng(1234).integers(0, 256, (vocab_size, 3), dtype=np.uint8)
 
 
-def write_samples(model, cfg, out_dir, step, per_class, n_classes, seed, device):
-    """Sample grids from `model` (one row per class) and write them as .npy and as a palette PNG."""
+def write_samples(model, cfg, out_dir, step, per_class, n_classes, seed, device, settings):
+    """Sample grids from `model` (one row per class) with the sampler `settings` (keywords of
+    enat.sample) and write them as .npy and as a palette PNG."""
     from .demo import render
 
     n_classes = min(n_classes, cfg.num_classes)
     labels = torch.arange(n_classes, device=device).repeat_interleave(per_class)
     gen = torch.Generator(device).manual_seed(seed)  # its own generator: training's RNG streams stay untouched
-    ids = sample(model, labels, steps=8, cfg_scale=cfg.cfg_scale, mask_temp=cfg.mask_temp,
-                 samp_temp=cfg.samp_temp, generator=gen).cpu().numpy()
+    ids = sample(model, labels, generator=gen, **settings).cpu().numpy()
     os.makedirs(out_dir, exist_ok=True)
     base = os.path.join(out_dir, f"step_{step:07d}")
     np.save(base + ".npy", np.concatenate([labels.cpu().numpy()[:, None], ids], axis=1))
@@ -220,6 +242,14 @@ def _train(args, cfg, env):
     micro = args.batch // (world * args.accum)
     if args.reuse_steps < 1:
         raise SystemExit(f"--reuse-steps must be at least 1 (1: the paper's recipe), got {args.reuse_steps}")
+    if not 0.0 <= args.ema <= 1.0:
+        raise SystemExit(f"--ema must lie in [0, 1], got {args.ema}")
+    if args.sample_steps < 1:
+        raise SystemExit(f"--sample-steps must be at least 1, got {args.sample_steps}")
+    for name in ("cfg_scale", "mask_temp", "samp_temp"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise SystemExit(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     data = training.TokenDataset(args.data)
     if env.main:
         data.check(cfg)
@@ -229,7 +259,9 @@ def _train(args, cfg, env):
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = ENAT(cfg).to(device).train()
-    ema = training.EMA(model, args.ema)
+    settings = {"steps": args.sample_steps,  # the sample grids': the flags, else the config's
+                **sampler_settings(model, args.cfg_scale, args.mask_temp, args.samp_temp)}
+    ema = training.EMA(model, args.ema, warmup=args.ema_warmup)
     opt, sched = training.optimizer(model, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     loss_gen = torch.Generator().manual_seed(args.seed)  # shared by every rank: the global batch's masks
@@ -246,7 +278,9 @@ def _train(args, cfg, env):
         if state["config"] != dataclasses.asdict(cfg):
             raise SystemExit(f"{path} holds a model of config {state['config']}, not {dataclasses.asdict(cfg)}")
         model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
+        # A checkpoint written before the EMA stored its update count holds bare weights: the count
+        # is its step (one update per optimizer step), what a newer checkpoint would have stored.
+        ema.load_state_dict(state["ema"], updates=None if "updates" in state["ema"] else state["step"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
@@ -261,12 +295,7 @@ def _train(args, cfg, env):
         if env.main:
             print(f"enat.train: resumed from {path} at step {step}")
 
-    net = model
-    if world > 1:
-        # find_unused_parameters: prev_proj runs only in reuse batches (and the encoder not at all in a
-        # reuse batch without critical tokens).
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    net = data_parallel(model, device) if world > 1 else model
 
     log_path = os.path.join(args.out, "log.txt")
     if env.main:
@@ -275,6 +304,9 @@ def _train(args, cfg, env):
                   f"{cfg.vocab_size}, {cfg.num_classes} classes) on {world} x {device.type}, global batch "
                   f"{args.batch} = {world} x {args.accum} x {micro}, "
                   f"{'bf16' if amp_dtype == torch.bfloat16 else 'fp16' if amp_dtype else 'fp32'}, {len(data)} rows")
+        if args.sample_every:
+            header += (f"\nsample grids from the EMA model every {args.sample_every} steps: "
+                       + ", ".join(f"{name} {value}" for name, value in settings.items()))
         print(header)
         with open(log_path, "a") as f:
             f.write(header + "\n")
@@ -340,7 +372,7 @@ def _train(args, cfg, env):
             env.barrier()
         if args.sample_every and (step % args.sample_every == 0 or step == args.steps) and env.main:
             png = write_samples(ema.model, cfg, sample_dir, step, args.sample_per_class, args.sample_classes,
-                                args.seed, device)
+                                args.seed, device, settings)
             bar.write(f"samples: {png}") if not args.no_progress else print(f"samples: {png}")
     bar.close()
     if env.main:

@@ -2,7 +2,7 @@
 
     import enat, enat.training as T
     model = enat.ENAT(cfg)
-    ema = T.EMA(model, decay=0.9999)
+    ema = T.EMA(model, decay=0.9999)                   # warmed up: update t decays by min(0.9999, (1 + t) / (10 + t))
     opt, sched = T.optimizer(model, lr=4e-4, warmup=5000)
     gen = torch.Generator().manual_seed(0)             # every random choice of the recipe comes from it
     for ids, labels in batches:                        # ids (B, L) int64 token ids, labels (B,) classes
@@ -186,19 +186,56 @@ def loss_on_masks(model, ids, labels, masks, *, prev_model=None, label_smoothing
     logits = K.gather_tokens(out.logits, at)  # (B, n, V)
     targets = ids.gather(1, at)
     logits = logits.reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits, targets.reshape(-1), label_smoothing=label_smoothing)
+    loss = F.cross_entropy(logits, targets.reshape(-1), label_smoothing=label_smoothing)
+    skipped = skipped_parameters(unwrap(model), masks)
+    if skipped:  # weight 0: the loss's value stays bit for bit, the skipped parameters' gradients are zeros
+        loss = loss + 0.0 * torch.stack([p.sum() for p in skipped]).sum().to(loss.dtype)
+    return loss
+
+
+def skipped_parameters(model, masks):
+    """The parameters of `model` that its forward in `loss_on_masks` does not reach for `masks` (they
+    are the same on every data-parallel rank: the counts and the reuse coin are the global batch's):
+    prev_proj in a step without reuse; the encoder blocks in a reuse step without critical tokens
+    (n_prev_masked == n_masked: every visible token comes from the cache). The encoder and decoder
+    run in every other step, as 1 <= n_masked <= L - 1 leaves a visible and a masked token in each
+    row, and prev_proj runs (on no rows) even when the previous step is all [MASK]. The loss adds
+    them with weight 0, so every parameter takes part in every step: DistributedDataParallel needs no
+    find_unused_parameters (an extra autograd traversal each step), and one process and N agree, the
+    skipped parameters getting zero gradients rather than none (AdamW moves them by their moments
+    and weight decay, as any parameter with a zero gradient)."""
+    if not model.reuses_features:
+        return []
+    if masks.prev_mask is None:
+        return list(model.prev_proj.parameters())
+    if masks.n_prev_masked == masks.n_masked:
+        return [p for block in model.blocks[:model.cfg.depth_enc] for p in block.parameters()]
+    return []
 
 
 class EMA:
-    """An exponential moving average of a model's parameters: after `update(model)`,
-    ema = decay * ema + (1 - decay) * param (buffers copied). `.model` is an eval-mode copy without
-    gradients, usable with enat.sample and as the `prev_model` of `loss`."""
+    """An exponential moving average of a model's parameters: update t (t = 0, 1, ... counted in
+    `updates`) sets ema = d_t * ema + (1 - d_t) * param (buffers copied), with
+    d_t = min(decay, (1 + t) / (10 + t)) (`warmup`, the default, as diffusers and timm do) or
+    d_t = decay (warmup=False, the paper's fixed decay). Without the warm-up a decay of 0.9999 still
+    holds 0.9999^t of the initial weights after t updates (74% after 3000); with it the initial
+    weights' share is the product of the d_t, 9! t! / (t + 9)! (under 1e-20 after 3000), and d_t
+    reaches 0.9999 at t = 89,990. `.model` is an eval-mode copy without gradients, usable with
+    enat.sample and as the `prev_model` of `loss`."""
 
-    def __init__(self, model, decay=EMA_DECAY):
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"decay must lie in [0, 1], got {decay!r}")
+    def __init__(self, model, decay=EMA_DECAY, *, warmup=True):
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be a number in [0, 1], got {decay!r}")
+        if not isinstance(warmup, bool):
+            raise ValueError(f"warmup must be a bool, got {warmup!r}")
         self.decay = decay
+        self.warmup = warmup
+        self.updates = 0
         self.model = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
+
+    def decay_at(self, t):
+        """d_t, the decay of update t (0-based)."""
+        return min(self.decay, (1 + t) / (10 + t)) if self.warmup else self.decay
 
     @torch.no_grad()
     def update(self, model):
@@ -207,15 +244,33 @@ class EMA:
         params = [p.detach() for p in source.parameters()]
         if len(ema_params) != len(params):
             raise ValueError("EMA.update: the model does not have the EMA model's parameters")
-        torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
+        torch._foreach_lerp_(ema_params, params, 1.0 - self.decay_at(self.updates))
         for b_ema, b in zip(self.model.buffers(), source.buffers()):
             b_ema.copy_(b)
+        self.updates += 1
 
     def state_dict(self):
-        return self.model.state_dict()
+        """{"state_dict": the EMA weights under the official keys, "updates": the update count}: the
+        weights sit under "state_dict", so enat.load_official reads this dict as it is."""
+        return {"state_dict": self.model.state_dict(), "updates": self.updates}
 
-    def load_state_dict(self, state):
-        self.model.load_state_dict(state)
+    def load_state_dict(self, state, *, updates=None):
+        """Restore a `state_dict()`, or bare weights (official keys: the EMA entry of checkpoints
+        written before the count was stored), which need `updates`, the count to go on from (for a
+        run of enat.train, the checkpoint's step: one update per optimizer step)."""
+        if "state_dict" in state and "updates" in state:
+            weights, count = state["state_dict"], state["updates"]
+            if updates is not None and updates != count:
+                raise ValueError(f"updates={updates!r} given, but the state holds the count {count}")
+        elif updates is None:
+            raise ValueError("the state holds bare weights without the update count (a checkpoint written "
+                             "before EMA warm-up): pass updates=, e.g. the training step it was saved at")
+        else:
+            weights, count = state, updates
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"updates must be an int >= 0, got {count!r}")
+        self.model.load_state_dict(weights)
+        self.updates = count
 
 
 def parameter_groups(model, weight_decay=WEIGHT_DECAY):

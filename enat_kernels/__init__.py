@@ -3,13 +3,15 @@
     import enat_kernels.ops as K
     out = K.asymmetric_attention(q, k_ctx, v_ctx, k_self, v_self)
 
-See enat_kernels.ops for the ops and enat_kernels.backends for how a backend is chosen.
+See enat_kernels.ops for the ops and enat_kernels.backends for how a backend is chosen;
+enat_kernels.explain(op, *args) tells which one a call would take, and why not the others.
 """
 
 from . import ops
 from ._library import EXTENSION_ERROR, EXTENSION_LOADED
-from .backends import BACKENDS, BackendUnavailableError
+from .backends import BACKENDS, BackendUnavailableError, Explanation, FallbackWarning, clear_caches, explain
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "BACKENDS", "BackendUnavailableError", "EXTENSION_LOADED", "EXTENSION_ERROR", "__version__"]
+__all__ = ["ops", "BACKENDS", "BackendUnavailableError", "EXTENSION_LOADED", "EXTENSION_ERROR", "Explanation",
+           "FallbackWarning", "clear_caches", "explain", "__version__"]

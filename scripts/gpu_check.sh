@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check: build the CUDA extension, run every test (the GPU ones included), run the op benchmarks
+# GPU check: build the CUDA extension, run `python -m enat_kernels --check` and `--bench`, run every
+# test (the GPU ones included), run the op benchmarks
 # (asymmetric_attention at every shape of an 8-step ENAT-L generation at 256 and 512 px and at training
 # shapes, token movement at the trajectory's row counts: GPU time by triton.testing.do_bench, and eager
 # latency), the generation and training-step benchmarks, profile one generation run, and print a short
@@ -52,10 +53,21 @@ if [ -n "$SO" ]; then
     echo "_C.so exports: $(nm -D --defined-only "$SO" | awk '{print $3}' | grep -vc '^$') symbols"
 fi
 
+# The installation's own check first (every op on every backend, fwd and bwd, fp32/bf16/fp16, against
+# float64 PyTorch within the tests' budgets), then its op timings at ENAT-L generation shapes beside the
+# PyTorch calls they replace. One Triton config per kernel in the check, as in the tests.
+step "check: python -m enat_kernels --check, then --bench"
+ENAT_KERNELS_AUTOTUNE=0 capped 150 $((OPS_SECONDS + 15)) $PY -m enat_kernels --check > "$OUT_DIR/check.txt" 2>&1 || status=1
+grep -E "FAIL|^Not checked|^  |passes within" "$OUT_DIR/check.txt" | tail -25
+capped 120 $((OPS_SECONDS + 15)) $PY -m enat_kernels --bench > "$OUT_DIR/info_bench.txt" 2>&1 || status=1
+cat "$OUT_DIR/info_bench.txt"
+
 step "tests"
 # One Triton config per kernel in the tests (fewer compiles); the benchmarks autotune.
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 16")
+# The ahead-of-time compile checks (test_gpu_targets*.py) need no GPU and run in CI: left out here.
 ENAT_KERNELS_AUTOTUNE=0 capped 240 $((OPS_SECONDS + 15)) $PY -m pytest tests/ -q -rfEs $XDIST -p no:cacheprovider \
+    --ignore=tests/test_gpu_targets.py --ignore=tests/test_gpu_targets_cuda.py \
     --junitxml="$OUT_DIR/tests.xml" > "$OUT_DIR/tests.txt" 2>&1 || status=1
 grep -E "^(FAILED|ERROR)" "$OUT_DIR/tests.txt" | head -30
 tail -3 "$OUT_DIR/tests.txt"
@@ -90,6 +102,23 @@ step "profile: ENAT-L 256 px, batch 128"
 { capped 40 10 $PY benchmarks/profile_sample.py ENAT-L --batch 128 --top 12
   capped 30 10 $PY benchmarks/profile_sample.py ENAT-L --batch 128 --provider torch --top 8; } > "$OUT_DIR/profile.txt" 2>&1 || status=1
 grep "images/s\|device busy" "$OUT_DIR/profile.txt"
+
+# Evaluation: 5,000 samples of ENAT-L at 256 px (random weights, bf16, batch 125, channels_last) through
+# pytorch-fid's Inception with streamed statistics, fp32 (TF32) and bf16 Inception; the split per stage
+# checks the target (Inception + statistics <= 15% of generate + decode). Needs pytorch-fid (torchvision).
+step "evaluation: ENAT-L 256 px, 5000 samples, batch 125"
+if $PY -c "import pytorch_fid.inception" 2>/dev/null; then
+    for idt in fp32 bf16; do
+        capped 75 10 $PY -m enat.evaluate --random-weights --model ENAT-L --resolution 256 --num-samples 5000 \
+            --batch-size 125 --dtype bf16 --inception-dtype $idt --warmup --no-progress \
+            --state-dir "$OUT_DIR/eval_state_$idt" --json "$OUT_DIR/eval_$idt.json" > "$OUT_DIR/eval_$idt.txt" 2>&1 || status=1
+        echo "Inception $idt:"; grep -E "images/s|error" "$OUT_DIR/eval_$idt.txt"
+        [ -s "$OUT_DIR/eval_$idt.json" ] && $PY -c "import json, sys; d = json.load(open(sys.argv[1])); \
+print(f'  Inception + statistics add {100 * d[\"inception_share\"]:.1f}% to generate + decode (target 15%)')" "$OUT_DIR/eval_$idt.json"
+    done
+else
+    echo "skipped: pytorch-fid (with torchvision) is not installed (pip install -e .[eval])"
+fi
 
 step "summary"
 results=$(for f in "$OUT_DIR/bench_model.json" "$OUT_DIR/bench_train.json" "$OUT_DIR/bench.json"; do [ -s "$f" ] && echo "$f"; done)

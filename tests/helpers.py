@@ -1,10 +1,12 @@
-"""Shared test helpers: where each backend runs, awkward inputs, the error budget."""
+"""Shared test helpers: where each backend runs, awkward inputs, the error budget (the last two from
+enat_kernels.testing, which `python -m enat_kernels --check` uses too)."""
 
 import pytest
 import torch
 
 from enat import ENATConfig
 from enat_kernels import triton_utils
+from enat_kernels.testing import INTERPRETED_BF16, assert_within_budget, heads_view, padded, strided  # noqa: F401
 
 HAS_GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU; this machine has none (CPU paths run here)")
@@ -14,71 +16,6 @@ needs_triton = pytest.mark.skipif(triton_utils.triton is None, reason="triton is
 def triton_device():
     """Where Triton kernels run in this session: CPU tensors under the interpreter, else the GPU."""
     return "cpu" if triton_utils.INTERPRET else "cuda"
-
-
-def _fill_value(dtype):
-    if dtype.is_floating_point:
-        return float("nan")
-    if dtype == torch.bool:
-        return True
-    return torch.iinfo(dtype).max  # an out-of-range position if read as an index
-
-
-def padded(t, extra=64):
-    """A copy of t whose storage runs on past its logical end, filled with NaN (or an int sentinel),
-    so that an out-of-bounds read shows up in the result."""
-    flat = torch.full((t.numel() + extra,), _fill_value(t.dtype), dtype=t.dtype, device=t.device)
-    out = flat[: t.numel()].view(t.shape)
-    out.copy_(t)
-    return out
-
-
-def strided(t, pad=5):
-    """A copy of t with the same values, its last dim still contiguous but every other stride padded
-    (the gaps and the tail hold NaN), like a slice of a wider projection output."""
-    full = torch.full((*t.shape[:-1], t.shape[-1] + pad), _fill_value(t.dtype), dtype=t.dtype, device=t.device)
-    view = full[..., : t.shape[-1]]
-    view.copy_(t)
-    return view
-
-
-def heads_view(t):
-    """A copy of t (B, H, L, D) stored as (B, L, H, D) and permuted back: the layout of a projection
-    output split into heads. Last dim contiguous, other dims not in order."""
-    B, H, L, D = t.shape
-    store = torch.full((B, L, H, D + 3), _fill_value(t.dtype), dtype=t.dtype, device=t.device)[..., :D]
-    view = store.permute(0, 2, 1, 3)
-    view.copy_(t)
-    return view
-
-
-def max_error(a, b):
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
-# Rounding floor of the error budget, in ulps of the output dtype at the scale of the summed terms
-# (oracle.attention_error_scales). A correct kernel rounds each term a handful of times (products,
-# exp2, the fp32 accumulations), each worth half an ulp of that scale; how the roundings fall differs
-# between CPUs, BLAS builds and GPUs, so the same-dtype PyTorch error alone can be a lucky 0.3 ulp
-# while an equally correct kernel lands at several. A wrong kernel misses by a sizeable fraction of
-# the scale, thousands of ulps.
-FLOOR_ULPS = 4
-
-
-def assert_within_budget(out, oracle, torch_same_dtype, factor, what="", scale=None):
-    """The FlashAttention rule: a kernel's error against the fp64 oracle is at most `factor` times
-    the error of the same-dtype PyTorch computation, plus FLOOR_ULPS ulps of the output dtype at
-    `scale` (the magnitude of the terms the result sums; by default the largest |oracle| entry)."""
-    if out.numel() == 0:
-        return
-    err = max_error(out, oracle)
-    base = max_error(torch_same_dtype, oracle)
-    if scale is None:
-        scale = oracle.double().abs().max().item()
-    floor = FLOOR_ULPS * torch.finfo(out.dtype).eps * scale
-    assert err <= factor * base + floor, (
-        f"{what}: error {err:.3e} > {factor} x {base:.3e} (torch) + {floor:.3e} ({FLOOR_ULPS} ulps at scale {scale:.3g})"
-    )
 
 
 # Model helpers.
@@ -106,9 +43,6 @@ def perturbed(model_class, cfg, dtype=torch.float64, seed=0):
             else:
                 p.copy_(noise / p.shape[-1] ** 0.5)
     return model
-
-
-INTERPRETED_BF16 = "the Triton interpreter computes bf16 wrongly (a known interpreter limit); bf16 runs on a GPU"
 
 
 def replaced(inputs, changes):

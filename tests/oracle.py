@@ -7,6 +7,9 @@ Slow and obviously correct; these are the ground truth of the tests.
 
 import torch
 
+# The magnitudes the error budget's floor is relative to (docs/OPS.md, Tolerances).
+from enat_kernels.testing import adaln_error_scales, attention_error_scales  # noqa: F401
+
 # Attention.
 
 
@@ -34,38 +37,6 @@ def attention_same_dtype(q, k_ctx, v_ctx, k_self, v_self, scale=None):
     v = torch.cat([v_ctx, v_self], dim=2)
     scores = (q @ k.transpose(-1, -2)) * scale
     return torch.softmax(scores, dim=-1) @ v
-
-
-def attention_error_scales(q, k_ctx, v_ctx, k_self, v_self, grad_out=None, scale=None):
-    """The magnitude of the terms each attention result is summed from, in float64: the scale that
-    rounding errors are relative to, even where the terms cancel. With P = softmax(S), S = q k^T * scale:
-
-        out ~ P |v|,  lse ~ max |scale| |q| |k|^T,  dv ~ P^T |dO|,
-        dS ~ P (|dO| |v|^T + rowsum(|dO| |out|)),  dq ~ |scale| dS |k|,  dk ~ |scale| dS^T |q|.
-
-    Returns {name: largest magnitude} for "out" and "lse", and with grad_out also "q", "k_ctx",
-    "v_ctx", "k_self", "v_self" (their gradients)."""
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    q, k_ctx, v_ctx, k_self, v_self = (t.detach().double() for t in (q, k_ctx, v_ctx, k_self, v_self))
-    k = torch.cat([k_ctx, k_self], dim=2)
-    v = torch.cat([v_ctx, v_self], dim=2)
-    p = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
-    out = p @ v
-
-    def biggest(t):
-        return t.abs().max().item() if t.numel() else 0.0
-
-    scales = {"out": biggest(p @ v.abs()), "lse": biggest(abs(scale) * q.abs() @ k.abs().transpose(-1, -2))}
-    if grad_out is not None:
-        do = grad_out.detach().double().abs()
-        ds = p * (do @ v.abs().transpose(-1, -2) + (do * out.abs()).sum(-1, keepdim=True))
-        dk = abs(scale) * ds.transpose(-1, -2) @ q.abs()
-        dv = p.transpose(-1, -2) @ do
-        Lc = k_ctx.shape[2]
-        scales.update(q=biggest(abs(scale) * ds @ k.abs()), k_ctx=biggest(dk[:, :, :Lc]), v_ctx=biggest(dv[:, :, :Lc]),
-                      k_self=biggest(dk[:, :, Lc:]), v_self=biggest(dv[:, :, Lc:]))
-    return scales
 
 
 # Token movement (exact; every function returns a fresh tensor in the input dtype).
@@ -197,41 +168,3 @@ def adaln_same_dtype(x, shift, scale, eps=1e-6):
 def residual_adaln_same_dtype(x, y, gate, shift, scale, eps=1e-6):
     x_new = x + gate[:, None, :] * y
     return x_new, adaln_same_dtype(x_new, shift, scale, eps)
-
-
-def adaln_error_scales(x, shift, scale, grad_out=None, y=None, gate=None, grad_x_new=None, eps=1e-6):
-    """The magnitude of the terms each adaLN result is summed from, in float64. With x_new = x + gate y
-    (x itself without y), rstd = 1 / sqrt(var(x_new) + eps), xhat the normalised x_new, s = |1 + scale|:
-
-        x_new ~ |x| + |gate| |y|,  out ~ (|x_new| + |mean|) rstd s + |shift|,
-        dn ~ rstd (|g| s + mean_d(|g| s) + |xhat| mean_d(|g| s |xhat|)) + |grad_x_new|   (g = grad_out),
-        dx ~ dn,  dy ~ |gate| dn,  dgate ~ sum_L dn |y|,  dshift ~ sum_L |g|,  dscale ~ sum_L |g| |xhat|.
-
-    Returns {name: largest magnitude}: "out" (and "x_new" with y), and with grad_out the gradient of
-    each input by its name."""
-    x, shift, scale = (t.detach().double() for t in (x, shift, scale))
-    s = (1 + scale[:, None, :]).abs()
-    x_new = x
-    if y is not None:
-        y, gate = y.detach().double(), gate.detach().double()
-        x_new = x + gate[:, None, :] * y
-    mean = x_new.mean(-1, keepdim=True)
-    rstd = 1 / torch.sqrt(((x_new - mean) ** 2).mean(-1, keepdim=True) + eps)
-    xhat = ((x_new - mean) * rstd).abs()
-
-    def biggest(t):
-        return t.abs().max().item() if t.numel() else 0.0
-
-    scales = {"out": biggest((x_new.abs() + mean.abs()) * rstd * s + shift.abs()[:, None, :])}
-    if y is not None:
-        scales["x_new"] = biggest(x.abs() + gate.abs()[:, None, :] * y.abs())
-    if grad_out is not None:
-        g = grad_out.detach().double().abs()
-        gs = g * s
-        dn = rstd * (gs + gs.mean(-1, keepdim=True) + xhat * (gs * xhat).mean(-1, keepdim=True))
-        if grad_x_new is not None:
-            dn = dn + grad_x_new.detach().double().abs()
-        scales.update(x=biggest(dn), shift=biggest(g.sum(1)), scale=biggest((g * xhat).sum(1)))
-        if y is not None:
-            scales.update(y=biggest(gate.abs()[:, None, :] * dn), gate=biggest((dn * y.abs()).sum(1)))
-    return scales

@@ -1,6 +1,7 @@
-"""The Triton attention kernels themselves: every autotuning configuration of every kernel, both
-backward kernels, and shapes that span several tiles in every dimension (ragged last tiles, a key
-tile straddling the context/self boundary, padded head dims), against the fp64 oracle.
+"""The Triton attention kernels themselves: every autotuning configuration of every target (sm_80 and
+sm_90 lists), both backward pass plans (one pass of the five products, one launch per gradient), and
+shapes that span several tiles in every dimension (ragged last tiles in both key segments, padded head
+dims), against the fp64 oracle.
 
 Runs on the GPU, or on CPU tensors in the Triton interpreter when there is no GPU.
 """
@@ -23,6 +24,7 @@ DEVICE = helpers.triton_device()
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 if DEVICE == "cuda":
     DTYPES["bf16"] = torch.bfloat16
+PASSES = {"one-pass": A.ONE_PASS, "per-gradient": A.PER_GRADIENT}
 
 
 def check_gradients(grads, inputs, grad_out, scale, what):
@@ -38,13 +40,15 @@ def check_gradients(grads, inputs, grad_out, scale, what):
         helpers.assert_within_budget(g, r, n, 3, what=f"{what} d{name}", scale=scales[name])
 
 
-def run_both(inputs, scale, dtype, *, forward_config=None, backward_config=None, short=None, what=""):
-    """Forward and backward kernels called directly, checked against the oracle."""
+def run_both(inputs, scale, dtype, *, forward_config=None, backward_config=None, passes=None, what=""):
+    """Forward and backward kernels called directly, checked against the oracle; the gradient of the
+    output comes in the output's own layout, (B, Lq, H, D) memory, as autograd hands it over."""
     out, lse = A.asymmetric_attention_triton(*inputs, scale, config=forward_config)
     check_forward(out, lse, inputs, scale=scale, what=f"{what} forward")
     grad_out = torch.randn(out.shape, dtype=torch.float64).to(dtype=dtype, device=out.device)
+    grad_out = grad_out.transpose(1, 2).contiguous().transpose(1, 2)
     grads = A.asymmetric_attention_backward_triton(grad_out, *inputs, out, lse, scale, config=backward_config,
-                                                   short=short)
+                                                   passes=passes)
     check_gradients(grads, inputs, grad_out, scale, what)
 
 
@@ -53,7 +57,7 @@ def config_id(c):
 
 
 # Several tiles in every dimension under the first (pinned) configuration: B, H > 1, Lq over three query
-# tiles, Lc + Ls over three key tiles with the boundary inside one, D padded (80 -> 128) or exact.
+# tiles, Lc and Ls each over one full and one partial key tile, D padded (80 -> 128) or exact.
 MULTI_TILE = [(2, 2, 140, 70, 80, 80), (2, 1, 130, 0, 140, 64), (1, 2, 129, 150, 0, 61)]
 
 
@@ -64,12 +68,12 @@ def test_multi_tile_forward_and_backward(shape, dtype):
     run_both(inputs, shape[-1] ** -0.5, dtype, what=case_id(shape))
 
 
-@pytest.mark.parametrize("short", [True, False], ids=["one-tile", "tiled"])
+@pytest.mark.parametrize("passes", list(PASSES.values()), ids=list(PASSES))
 @pytest.mark.parametrize("shape", [(2, 2, 100, 37, 120, 61), (1, 3, 9, 0, 9, 64), (2, 1, 1, 80, 1, 16)], ids=case_id)
-def test_both_backward_kernels(shape, short):
-    """The one-tile kernel (Lq <= SMALL_LQ) and the tiled one give the oracle's gradients on the same inputs."""
+def test_both_backward_pass_plans(shape, passes):
+    """One pass of the five products and one launch per gradient give the oracle's gradients."""
     inputs = make_inputs(*shape, dtype=torch.float32, device=DEVICE)
-    run_both(inputs, 0.37, torch.float32, short=short, what=f"{case_id(shape)} short={short}")
+    run_both(inputs, 0.37, torch.float32, passes=passes, what=f"{case_id(shape)} {len(passes)} passes")
 
 
 def test_negative_and_zero_scale_use_the_right_row_statistic():
@@ -79,13 +83,21 @@ def test_negative_and_zero_scale_use_the_right_row_statistic():
         run_both(inputs, scale, torch.float32, what=f"scale={scale}")
 
 
+def _unique(configs):
+    seen = []
+    for c in configs:
+        if not any(c is s for s in seen):
+            seen.append(c)
+    return seen
+
+
 def _config_shape(block_m, block_n, D):
-    """Two and a bit query tiles, and three key tiles whose boundary falls inside the second."""
+    """Two and a bit query tiles; a context of one full key tile and a bit, a self segment of a partial one."""
     return (1, 2, 2 * block_m + 3, block_n + 5, block_n - 3, D)
 
 
 @pytest.mark.parametrize("D", [61, 64])
-@pytest.mark.parametrize("config", A.FORWARD_CONFIGS if A.triton else [], ids=config_id)
+@pytest.mark.parametrize("config", _unique(A.FORWARD_CONFIGS) if A.triton else [], ids=config_id)
 def test_every_forward_config(config, D):
     shape = _config_shape(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], D)
     inputs = make_inputs(*shape, dtype=torch.float16, device=DEVICE)
@@ -93,18 +105,11 @@ def test_every_forward_config(config, D):
     check_forward(out, lse, inputs, what=f"{config_id(config)} {case_id(shape)}")
 
 
+@pytest.mark.parametrize("passes", list(PASSES.values()), ids=list(PASSES))
 @pytest.mark.parametrize("D", [61, 64])
-@pytest.mark.parametrize("config", A.BACKWARD_CONFIGS if A.triton else [], ids=config_id)
-def test_every_tiled_backward_config(config, D):
+@pytest.mark.parametrize("config", _unique(A.BACKWARD_CONFIGS) if A.triton else [], ids=config_id)
+def test_every_backward_config(config, D, passes):
     shape = _config_shape(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], D)
     inputs = make_inputs(*shape, dtype=torch.float16, device=DEVICE)
-    run_both(inputs, D**-0.5, torch.float16, backward_config=config, short=False, what=config_id(config))
-
-
-@pytest.mark.parametrize("D", [61, 64])
-@pytest.mark.parametrize("config", A.BACKWARD_SHORT_CONFIGS if A.triton else [], ids=config_id)
-def test_every_one_tile_backward_config(config, D):
-    block_n = config.kwargs["BLOCK_N"]
-    shape = (1, 2, 77, block_n + 5, 2 * block_n - 3, D)
-    inputs = make_inputs(*shape, dtype=torch.float16, device=DEVICE)
-    run_both(inputs, D**-0.5, torch.float16, backward_config=config, short=True, what=config_id(config))
+    run_both(inputs, D**-0.5, torch.float16, backward_config=config, passes=passes,
+             what=f"{config_id(config)} {len(passes)} passes")

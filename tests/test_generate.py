@@ -1,5 +1,6 @@
 """The commands `python -m enat.generate` and `python -m enat.tokenize` (docs/VQ.md for the token file),
-run with --random-weights and the tiny ENAT / VQGAN configurations on a CPU."""
+run with --random-weights and the tiny ENAT / VQGAN configurations on a CPU, and with checkpoints of the
+paper's layout and of enat.train."""
 
 import os
 import subprocess
@@ -10,7 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from enat import generate, tokenize, vq
+import enat
+import enat.train
+from enat import cli, generate, tokenize, vq
+from enat.checkpoint import state_dict_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--random-weights", "--model", "tiny", "--vq-config", "tiny", "--resolution", "64", "--device", "cpu",
@@ -71,17 +75,17 @@ def test_generate_under_torchrun_matches_one_process(tmp_path):
 
 def test_split_work():
     for n, batch, world in [(0, 4, 2), (1, 4, 3), (10, 3, 1), (10, 3, 2), (10, 3, 4), (7, 7, 2), (9, 2, 8)]:
-        parts = generate.split_work(n, batch, world)
+        parts = cli.split_work(n, batch, world)
         assert len(parts) == world
         flat = sorted(b for part in parts for b in part)
-        assert flat == generate.split_work(n, batch, 1)[0]  # the same batches for any world size
+        assert flat == cli.split_work(n, batch, 1)[0]  # the same batches for any world size
         covered = [i for _, start, stop in flat for i in range(start, stop)]
         assert covered == list(range(n))
         assert all(stop - start <= batch for _, start, stop in flat)
         for r, part in enumerate(parts):  # round-robin
             assert [j for j, _, _ in part] == list(range(r, len(flat), world))
     with pytest.raises(ValueError):
-        generate.split_work(4, 0, 1)
+        cli.split_work(4, 0, 1)
 
 
 def test_make_grid():
@@ -100,7 +104,7 @@ def test_generate_clear_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "ENAT checkpoint not found" in err and missing in err and "released with the paper" in err
     ckpt = tmp_path / "enat.pth"
-    torch.save(generate.ENAT(generate.tiny_config(64)).state_dict(), ckpt)
+    torch.save(enat.ENAT(cli.tiny_config(64)).state_dict(), ckpt)
     missing_vq = str(tmp_path / "vq.ckpt")
     assert generate.main(["--model", "tiny", "--resolution", "64", "--checkpoint", str(ckpt), "--vq-checkpoint",
                           missing_vq, "--labels", "1", "--device", "cpu", "--no-progress"]) == 2
@@ -115,7 +119,7 @@ def test_generate_clear_errors(tmp_path, capsys):
 def test_generate_loads_checkpoints(tmp_path, capsys):
     """With checkpoint files (here: a tiny ENAT's and a tiny VQGAN's state dicts) the same pipeline runs."""
     ckpt, vq_ckpt = tmp_path / "enat.pth", tmp_path / "vq.ckpt"
-    torch.save(generate.ENAT(generate.tiny_config(64)).state_dict(), ckpt)
+    torch.save(enat.ENAT(cli.tiny_config(64)).state_dict(), ckpt)
     torch.save({"state_dict": vq.VQGAN(**vq.TINY_CONFIG).state_dict()}, vq_ckpt)
     grid = tmp_path / "g.png"
     args = ["--model", "tiny", "--resolution", "64", "--checkpoint", str(ckpt), "--vq-checkpoint", str(vq_ckpt),
@@ -124,6 +128,56 @@ def test_generate_loads_checkpoints(tmp_path, capsys):
     assert generate.main(args) == 0
     with Image.open(grid) as im:
         assert im.size == _grid_size(2, 2)
+
+
+def _training_run(tmp_path):
+    """checkpoints/latest.pt of one enat.train step of a model of 8 codes and 8 classes (no VQGAN decodes it)."""
+    from enat.demo import make_dataset
+
+    data = tmp_path / "tokens.npy"
+    np.save(data, make_dataset(n_per_class=1))
+    enat.train.main(["--depth-enc", "1", "--depth-dec", "1", "--width", "32", "--heads", "2", "--resolution", "128",
+                     "--vocab-size", "8", "--num-classes", "8", "--batch", "8", "--warmup", "1", "--ema", "0.5",
+                     "--steps", "1", "--ckpt-every", "1", "--sample-every", "0", "--no-progress", "--data", str(data),
+                     "--out", str(tmp_path / "run"), "--device", "cpu"])
+    return tmp_path / "run" / "checkpoints" / "latest.pt"
+
+
+def test_generate_from_a_training_checkpoint_saves_ids(tmp_path, capsys, monkeypatch):
+    """enat.train's checkpoint: its config and EMA weights, no size flags; --save-ids alone needs no VQGAN."""
+    monkeypatch.setenv("ENAT_KERNELS_BACKEND", "reference")
+    latest = _training_run(tmp_path)
+    ids_path = tmp_path / "ids.npy"
+    common = ["--checkpoint", str(latest), "--num-classes", "3", "--steps", "2", "--device", "cpu", "--no-progress"]
+    assert generate.main([*common, "--save-ids", str(ids_path)]) == 0
+    assert "wrote" in capsys.readouterr().out and not (tmp_path / "samples.png").exists()
+    rows = np.load(ids_path)
+    state = torch.load(latest, weights_only=True)
+    cfg = enat.ENATConfig(**state["config"])
+    ema = state_dict_of(state["ema"])  # the EMA weights, possibly under "state_dict"
+    model = enat.load_official(ema, cfg)
+    labels = torch.randint(0, 8, (3,), generator=torch.Generator().manual_seed(0))
+    want = enat.sample(model, labels, steps=2, cfg_scale=cfg.cfg_scale, mask_temp=cfg.mask_temp,
+                       samp_temp=cfg.samp_temp, generator=torch.Generator().manual_seed(cli.batch_seed(0, 0)))
+    assert rows.dtype == np.int64 and rows.shape == (3, 1 + 64)
+    assert np.array_equal(rows[:, 0], labels.numpy()) and np.array_equal(rows[:, 1:], want.numpy())
+    assert not all(torch.equal(ema[k], state["model"][k]) for k in state["model"])  # the EMA, not "model"
+
+    bad = [(["--model", "ENAT-S", "--save-ids", str(tmp_path / "x.npy")], "--model ENAT-S's depth_enc 15, the "
+            "checkpoint's 1"),
+           (["--resolution", "256", "--save-ids", str(tmp_path / "x.npy")], "--resolution 256, the checkpoint's 128"),
+           (["--grid", str(tmp_path / "x.png"), "--vq-checkpoint", str(tmp_path / "vq.ckpt")],
+            "vocabulary has 8 codes, the VQGAN tokenizer's 1024"),
+           (["--save-ids", str(tmp_path / "x.npy"), "--vq-checkpoint", str(tmp_path / "vq.ckpt")],
+            "--vq-checkpoint is not used with --save-ids alone"),
+           (["--random-weights", "--model", "tiny", "--resolution", "64", "--save-ids", str(tmp_path / "x.npy")],
+            "--checkpoint and --random-weights exclude each other")]
+    for extra, message in bad:
+        assert generate.main([*common, *extra]) == 2, message
+        assert message in capsys.readouterr().err, message
+        assert not (tmp_path / "x.npy").exists() and not (tmp_path / "x.png").exists()
+    assert generate.main([*TINY, "--labels", "1", "--vq-checkpoint", str(latest)]) == 2
+    assert "--vq-checkpoint and --random-weights exclude each other" in capsys.readouterr().err
 
 
 # enat.tokenize

@@ -221,3 +221,26 @@ def test_non_default_vocabulary_and_classes():
     with pytest.raises(ValueError, match=r"labels must be classes in \[0, 4\] \(or 5"):
         enat.sample(model, torch.tensor([6]))
     assert enat.flops.generation_macs(cfg) < enat.flops.generation_macs(ENATConfig(**{**cfg.__dict__, "vocab_size": 1024}))
+
+
+def test_sampler_settings_default_to_the_model_config():
+    """cfg_scale, mask_temp and samp_temp left out (or None) are the model config's, e.g. a 512 px
+    model's 3.5 / 1.5 / 4 rather than the 256 px values; each given one wins over the config."""
+    cfg = ENATConfig("tiny-own-settings", depth_enc=2, depth_dec=1, width=48, heads=3, resolution=80,
+                     cfg_scale=3.5, mask_temp=0.5, samp_temp=4.0)
+    model = perturbed(ENAT, cfg, dtype=torch.float32)
+    own = dict(cfg_scale=3.5, mask_temp=0.5, samp_temp=4.0)
+    ids = enat.sample(model, LABELS, steps=4, generator=_gen())
+    assert torch.equal(ids, enat.sample(model, LABELS, steps=4, generator=_gen(), **own))
+    assert torch.equal(ids, enat.sample(model, LABELS, steps=4, generator=_gen(), cfg_scale=None, samp_temp=None))
+    assert not torch.equal(ids, enat.sample(model, LABELS, steps=4, generator=_gen(), **SETTINGS))
+    assert enat.sampler.settings(model, samp_temp=1.0) == dict(cfg_scale=3.5, mask_temp=0.5, samp_temp=1.0)
+    assert (enat.config("ENAT-L", 512).cfg_scale, enat.config("ENAT-L", 512).samp_temp) == (3.5, 4.0)
+
+
+def test_imagenet_constants_are_deprecated_in_favour_of_the_config():
+    with pytest.warns(DeprecationWarning, match="use model.cfg.mask_id"):
+        assert enat.MASK_ID == 1024
+    with pytest.warns(DeprecationWarning, match="use model.cfg.null_class"):
+        assert enat.NULL_CLASS == 1000
+    assert "MASK_ID" not in enat.__all__

@@ -1,6 +1,7 @@
 """enat.training and `python -m enat.train`: the loss against an independent computation on fixed
-masks, the recipe's random choices, gradients in reuse mode, EMA, the optimiser settings, the token
-dataset and its shards, two gloo processes against one, bit-identical resume, and the command.
+masks, the recipe's random choices, gradients in reuse mode (every parameter in every step's graph),
+EMA and its warm-up, the optimiser settings, the token dataset and its shards, two gloo processes
+against one, bit-identical resume (from older checkpoints too), and the command.
 """
 
 import math
@@ -8,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -179,12 +181,46 @@ def test_gradients_in_reuse_mode_reach_prev_proj_and_never_the_prev_model():
     assert not ema.model.training
     model.zero_grad(set_to_none=True)
     T.loss(model, ids, labels, prev_model=ema.model, reuse_prob=0.0, generator=torch.Generator().manual_seed(0)).backward()
-    assert all(p.grad is None for p in model.prev_proj.parameters())  # no reuse: prev_proj unused
+    assert all(p.grad is not None and not p.grad.any() for p in model.prev_proj.parameters())  # unused: zeros
 
 
-def test_ema():
+# Every kind of step: (n_masked, n_prev_masked, the earlier steps' counts) on L = 16 tokens, and the
+# parameters its forward skips.
+STEP_KINDS = {"plain": ((9, None, ()), "prev_proj"), "reuse": ((9, 13, ()), None),
+              "no critical token": ((9, 9, ()), "encoder"), "previous step all [MASK]": ((9, 16, ()), None),
+              "one masked token": ((1, 15, ()), None), "no critical token, one visible": ((15, 15, ()), "encoder"),
+              "chain": ((9, 13, (16,)), None)}
+
+
+@pytest.mark.parametrize("kind", STEP_KINDS)
+def test_every_parameter_takes_part_in_every_step(kind, monkeypatch):
+    """Each step's backward reaches every parameter (so DDP needs no find_unused_parameters): the ones
+    the forward skips (those autograd leaves without a gradient when the loss does not add them) get
+    exactly zero gradients, the others the same gradients, and the loss is the same bit for bit."""
+    (n, n_prev, earlier), skipped = STEP_KINDS[kind]
+    model = _no_dropout(perturbed(ENAT, CFG, dtype=torch.float32, seed=1).train())
+    ids, labels = _batch()
+    masks = _fixed_masks(len(ids), n, n_prev, earlier=earlier)
+    loss = T.loss_on_masks(model, ids, labels, masks, prev_model=model)
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(T, "skipped_parameters", lambda model, masks: [])
+    bare = T.loss_on_masks(model, ids, labels, masks, prev_model=model)
+    bare.backward()
+    assert loss.item() == bare.item()
+    prefixes = {"prev_proj": ("prev_proj.",), "encoder": tuple(f"blocks.{i}." for i in range(CFG.depth_enc)),
+                None: ()}[skipped]
+    unreached = {name for name, p in model.named_parameters() if p.grad is None}
+    assert unreached == {name for name in grads if name.startswith(prefixes)}
+    for name, p in model.named_parameters():
+        assert grads[name] is not None, name
+        assert not grads[name].any() if name in unreached else torch.equal(grads[name], p.grad), name
+
+
+def test_ema_fixed_decay():
     model = ENAT(CFG)
-    ema = T.EMA(model, decay=0.75)
+    ema = T.EMA(model, decay=0.75, warmup=False)
     before = [p.clone() for p in ema.model.parameters()]
     with torch.no_grad():
         for p in model.parameters():
@@ -192,7 +228,63 @@ def test_ema():
     ema.update(model)
     for b, e, p in zip(before, ema.model.parameters(), model.parameters()):
         torch.testing.assert_close(e, 0.75 * b + 0.25 * p)
-    assert set(ema.state_dict()) == set(model.state_dict())  # the official keys
+    assert ema.updates == 1 and ema.decay_at(0) == ema.decay_at(10 ** 6) == 0.75
+
+
+def test_ema_warmup_schedule():
+    """d_t = min(decay, (1 + t) / (10 + t)); after T updates towards fixed weights the initial weights'
+    share is the product of the d_t, in closed form 9! T! / (T + 9)! while the warm-up lasts."""
+    ema = T.EMA(ENAT(CFG), decay=0.95)
+    assert ema.warmup
+    crossover = 171  # (1 + t) / (10 + t) >= 0.95 from t = (10 * 0.95 - 1) / 0.05 = 170 on
+    for t in (0, 1, 9, 50, 169, 170, crossover, 10 ** 5):
+        assert ema.decay_at(t) == pytest.approx((1 + t) / (10 + t) if t < 170 else 0.95, rel=1e-15), t
+    assert ema.decay_at(0) == 0.1 and ema.decay_at(170) == pytest.approx(0.95)
+    model = ENAT(CFG).double()
+    ema = T.EMA(model, decay=0.9999)
+    init = [p.clone() for p in ema.model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p))
+    n = 40
+    for _ in range(n):
+        ema.update(model)
+    share = math.factorial(9) * math.factorial(n) / math.factorial(n + 9)
+    for a, e, p in zip(init, ema.model.parameters(), model.parameters()):
+        torch.testing.assert_close(e, share * a + (1 - share) * p, rtol=1e-12, atol=1e-14)
+    assert ema.updates == n and share < 1e-7  # 0.9999 ** 40 = 99.6% without the warm-up
+
+
+def test_ema_state_round_trip_and_older_states():
+    model = ENAT(CFG)
+    ema = T.EMA(model, decay=0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    for _ in range(3):
+        ema.update(model)
+    state = ema.state_dict()
+    assert state["updates"] == 3 and set(state["state_dict"]) == set(model.state_dict())  # the official keys
+    assert enat.load_official(state, CFG).state_dict().keys() == model.state_dict().keys()
+    other = T.EMA(ENAT(CFG), decay=0.9)
+    other.load_state_dict(state)
+    assert other.updates == 3
+    assert all(torch.equal(a, b) for a, b in zip(other.model.parameters(), ema.model.parameters()))
+    bare = state["state_dict"]  # an older state: the weights alone
+    with pytest.raises(ValueError, match="pass updates="):
+        other.load_state_dict(bare)
+    other.load_state_dict(bare, updates=7)
+    assert other.updates == 7
+    with pytest.raises(ValueError, match="holds the count 3"):
+        other.load_state_dict(state, updates=4)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="updates must be"):
+            other.load_state_dict(bare, updates=bad)
+    for bad in (1.5, -0.1, True):
+        with pytest.raises(ValueError, match="decay"):
+            T.EMA(model, decay=bad)
+    with pytest.raises(ValueError, match="warmup"):
+        T.EMA(model, warmup=1)
 
 
 def test_optimizer_settings():
@@ -254,18 +346,35 @@ def _dp_setup():
     return model, prev, ids, labels
 
 
+# The steps: drawn by T.loss (reuse_prob, seed) or fixed masks, among them the ones whose forward skips
+# parameters (prev_proj without reuse, the encoder without critical tokens), each followed by another
+# step (DDP without find_unused_parameters would fail at the next forward if a gradient were missing).
+DP_STEPS = [(1.0, 0), (0.0, 1), ("masks", 9, 9), ("masks", 9, 16), (1.0, 2)]
+
+
+def _dp_loss(model, ids, labels, prev, step, shard=(0, 1)):
+    index, count = shard
+    rows = slice(index * len(ids) // count, (index + 1) * len(ids) // count)
+    if step[0] == "masks":
+        masks = _fixed_masks(len(ids), step[1], step[2]).take(rows.start, rows.stop)
+        return T.loss_on_masks(model, ids[rows], labels[rows], masks, prev_model=prev)
+    return T.loss(model, ids[rows], labels[rows], prev_model=prev, reuse_prob=step[0],
+                  generator=torch.Generator().manual_seed(step[1]), shard=shard)
+
+
 def _dp_worker(rank, port, out_dir):
+    # DDP's reducer warns from C++ (on stderr, not through Python's warnings): fd 2 goes to a file.
+    os.dup2(os.open(os.path.join(out_dir, f"rank{rank}.err"), os.O_WRONLY | os.O_CREAT, 0o644), 2)
+    warnings.simplefilter("always")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     try:
         model, prev, ids, labels = _dp_setup()
-        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        ddp = enat.train.data_parallel(model, torch.device("cpu"))  # as enat.train wraps the model
         losses = []
-        for seed in (0, 1, 2):  # reuse, plain, reuse batches
+        for step in DP_STEPS:
             ddp.zero_grad(set_to_none=True)
-            loss = T.loss(ddp, ids[4 * rank:4 * rank + 4], labels[4 * rank:4 * rank + 4], prev_model=prev,
-                          reuse_prob=[1.0, 0.0, 1.0][seed], generator=torch.Generator().manual_seed(seed),
-                          shard=(rank, 2))
+            loss = _dp_loss(ddp, ids, labels, prev, step, shard=(rank, 2))
             loss.backward()
             losses.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
                                            if p.grad is not None}))
@@ -275,21 +384,24 @@ def _dp_worker(rank, port, out_dir):
 
 
 def test_two_gloo_processes_equal_one(tmp_path):
+    """enat.train's DistributedDataParallel (no find_unused_parameters) on two gloo processes: no
+    warning, every parameter's gradient in every step (the steps that skip parameters included), the
+    loss and gradients of one process on the whole batch."""
     torch.multiprocessing.spawn(_dp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for r in range(2):
+        err = (tmp_path / f"rank{r}.err").read_text()
+        assert "find_unused_parameters" not in err, err[-2000:]
     model, prev, ids, labels = _dp_setup()
-    for i, seed in enumerate((0, 1, 2)):
+    for i, step in enumerate(DP_STEPS):
         model.zero_grad(set_to_none=True)
-        loss = T.loss(model, ids, labels, prev_model=prev, reuse_prob=[1.0, 0.0, 1.0][seed],
-                      generator=torch.Generator().manual_seed(seed))
+        loss = _dp_loss(model, ids, labels, prev, step)
         loss.backward()
         torch.testing.assert_close((ranks[0][i][0] + ranks[1][i][0]) / 2, loss.detach(), rtol=1e-6, atol=1e-7)
         for name, p in model.named_parameters():
             for r in range(2):
                 g = ranks[r][i][1].get(name)
-                if p.grad is None:  # unused in this batch (prev_proj without reuse): zero or absent in DDP
-                    assert g is None or not g.any(), name
-                    continue
+                assert g is not None and p.grad is not None, (step, name)
                 # fp32 sums over the batch in another order: a few ulps of the gradient's scale
                 scale = p.grad.abs().max().item()
                 torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6 * max(scale, 1e-3), msg=name)
@@ -311,19 +423,30 @@ TINY_ARGS = ["--depth-enc", "1", "--depth-dec", "1", "--width", "32", "--heads",
              "--ema", "0.9", "--no-progress", "--log-every", "2", "--sample-every", "0"]
 
 
-def test_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("older", [False, True], ids=["checkpoint", "older checkpoint"])
+def test_resume_is_bit_identical(tmp_path, older):
+    """A resumed run ends where a straight one does, the EMA's warm-up included (its decays 0.1, 0.18,
+    0.25, 0.31 at updates 0..3 are below --ema 0.9, so a count restarted at 0 would show). An older
+    checkpoint, whose EMA entry is the bare weights, resumes with the count set to its step."""
     data = str(_token_file(tmp_path))
     common = TINY_ARGS + ["--data", data, "--accum", "2", "--reuse-steps", "3"]
     straight, _ = enat.train.main(common + ["--out", str(tmp_path / "a"), "--steps", "4", "--ckpt-every", "2"])
     enat.train.main(common + ["--out", str(tmp_path / "b"), "--steps", "2", "--ckpt-every", "2"])
-    resumed, _ = enat.train.main(common + ["--out", str(tmp_path / "b"), "--steps", "4", "--ckpt-every", "2",
-                                           "--resume"])
+    if older:
+        path = tmp_path / "b" / "checkpoints" / "step_0000002.pt"
+        state = torch.load(path, weights_only=False)
+        assert state["ema"]["updates"] == 2
+        state["ema"] = state["ema"]["state_dict"]
+        torch.save(state, path)
+    resumed, ema = enat.train.main(common + ["--out", str(tmp_path / "b"), "--steps", "4", "--ckpt-every", "2",
+                                             "--resume"])
     a = torch.load(tmp_path / "a" / "checkpoints" / "latest.pt", weights_only=False)
     b = torch.load(tmp_path / "b" / "checkpoints" / "latest.pt", weights_only=False)
-    assert a["step"] == b["step"] == 4
-    for key in ("model", "ema"):
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    assert a["step"] == b["step"] == 4 and a["ema"]["updates"] == b["ema"]["updates"] == ema.updates == 4
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    for name in a["ema"]["state_dict"]:
+        assert torch.equal(a["ema"]["state_dict"][name], b["ema"]["state_dict"][name]), name
     for pa, pb in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(pa, pb)
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
@@ -338,11 +461,13 @@ def test_train_command_writes_a_checkpoint_and_samples(tmp_path):
     data = _token_file(tmp_path)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "enat.train", *TINY_ARGS, "--data", str(data), "--out", str(out), "--steps", "4",
-           "--ckpt-every", "4", "--sample-every", "4", "--sample-per-class", "2"]
+           "--ckpt-every", "4", "--sample-every", "4", "--sample-per-class", "2", "--samp-temp", "0.5"]
     env = dict(os.environ, ENAT_KERNELS_BACKEND="reference")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 4/4 loss" in proc.stdout and "images/s" in proc.stdout
+    # the sampler settings: the config's (a custom config: ENATConfig's defaults) unless a flag is given
+    assert "steps 8, cfg_scale 2.5, mask_temp 1.5, samp_temp 0.5" in proc.stdout
     ckpt = torch.load(out / "checkpoints" / "step_0000004.pt", weights_only=False)
     assert ckpt["step"] == 4 and {"model", "ema", "optimizer", "scheduler", "rng", "loss_generator"} <= ckpt.keys()
     cfg = ENATConfig(**ckpt["config"])
@@ -355,8 +480,18 @@ def test_train_command_writes_a_checkpoint_and_samples(tmp_path):
     assert (out / "checkpoints" / "latest.pt").exists()
 
 
+def test_train_command_ema_warmup_flag(tmp_path):
+    args = TINY_ARGS + ["--data", str(_token_file(tmp_path)), "--steps", "2"]
+    _, ema = enat.train.main(args + ["--out", str(tmp_path / "a")])
+    assert ema.warmup and ema.updates == 2 and ema.decay_at(0) == 0.1
+    _, ema = enat.train.main(args + ["--out", str(tmp_path / "b"), "--no-ema-warmup"])
+    assert not ema.warmup and ema.updates == 2 and ema.decay_at(0) == 0.9
+
+
 @pytest.mark.parametrize("bad, message", [(["--reuse-steps", "0"], "--reuse-steps"),
-                                          (["--batch", "6", "--accum", "4"], "--batch")])
+                                          (["--batch", "6", "--accum", "4"], "--batch"),
+                                          (["--ema", "1.5"], "--ema"), (["--samp-temp", "-1"], "--samp-temp"),
+                                          (["--sample-steps", "0"], "--sample-steps")])
 def test_train_command_rejects_bad_arguments(tmp_path, bad, message):
     args = TINY_ARGS + ["--data", str(_token_file(tmp_path)), "--out", str(tmp_path / "run"), "--steps", "1"] + bad
     with pytest.raises(SystemExit, match=message):

@@ -1,5 +1,5 @@
-// Row-copy machinery shared by the token-movement kernels (gather_tokens.cu, tokens.cu); the design is
-// described at the top of tokens.cu.
+// Row-copy machinery shared by the token-movement kernels (token_kernels.cuh); the design is described
+// at the top of token_kernels.cuh. No torch headers: rows_tensors.h makes these structs from tensors.
 //
 // Token tensors are (B, rows, D) of any dtype with a contiguous last dimension; a row is moved as raw
 // bytes in chunks of 16, 8, 4, 2 or 1 bytes. The chunk is the widest one that divides the row size
@@ -13,8 +13,6 @@
 // groups of `lanes` threads (1..32, a power of two; kThreads / lanes groups per block).
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -64,19 +62,6 @@ struct Rows {
 using InRows = Rows<const char>;
 using OutRows = Rows<char>;
 
-inline InRows in_rows(const at::Tensor& t) {
-  const int64_t e = t.element_size();
-  return {static_cast<const char*>(t.const_data_ptr()), t.size(0) > 1 ? t.stride(0) * e : 0,
-          t.size(1) > 1 ? t.stride(1) * e : 0};
-}
-inline OutRows out_rows(const at::Tensor& t) {
-  const int64_t e = t.element_size();
-  return {static_cast<char*>(t.mutable_data_ptr()), t.size(0) > 1 ? t.stride(0) * e : 0,
-          t.size(1) > 1 ? t.stride(1) * e : 0};
-}
-inline InRows no_in_rows() { return {nullptr, 0, 0}; }
-inline OutRows no_out_rows() { return {nullptr, 0, 0}; }
-
 // An int64 (B, n) index tensor with element strides; rows hold ascending positions.
 struct IndexRows {
   const int64_t* data;
@@ -87,10 +72,6 @@ struct IndexRows {
   __host__ __device__ __forceinline__ int64_t at(int64_t b, int64_t j) const { return data[b * stride_b + j * stride_n]; }
 };
 
-inline IndexRows index_rows(const at::Tensor& index) {
-  return {index.const_data_ptr<int64_t>(), index.stride(0), index.stride(1), index.size(1)};
-}
-
 // Widest chunk (16, 8, 4, 2 or 1 bytes) that divides row_bytes and is aligned for every Rows given.
 template <typename... R>
 int widest_chunk(int64_t row_bytes, const R&... rows) {
@@ -100,16 +81,22 @@ int widest_chunk(int64_t row_bytes, const R&... rows) {
   return 1;
 }
 
+// Calls f(std::integral_constant<int, width>{}) for every chunk width: the row kernels' instantiations.
+template <typename F>
+void for_each_chunk(F&& f) {
+  f(std::integral_constant<int, 16>{});
+  f(std::integral_constant<int, 8>{});
+  f(std::integral_constant<int, 4>{});
+  f(std::integral_constant<int, 2>{});
+  f(std::integral_constant<int, 1>{});
+}
+
 // Calls f(std::integral_constant<int, width>{}) for a width returned by widest_chunk.
 template <typename F>
 void dispatch_chunk(int width, F&& f) {
-  switch (width) {
-    case 16: f(std::integral_constant<int, 16>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    default: f(std::integral_constant<int, 1>{}); break;
-  }
+  for_each_chunk([&](auto w) {
+    if (decltype(w)::value == width) f(w);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -125,15 +112,16 @@ struct Plan {
 };
 
 // Plan for B batch rows of `items` rows each (both > 0), rows of row_bytes (> 0) bytes in chunks of
-// `width`. Lanes per row: the fewest (a power of two, at most a warp) that cover the row with kVec
-// chunks each. Tile: the largest that still gives every resident block about two tiles or more.
-inline Plan plan(int64_t B, int64_t items, int64_t row_bytes, int width) {
+// `width`, on a device with sm_count SMs. Lanes per row: the fewest (a power of two, at most a warp)
+// that cover the row with kVec chunks each. Tile: the largest that still gives every resident block
+// about two tiles or more.
+inline Plan plan(int64_t B, int64_t items, int64_t row_bytes, int width, int sm_count) {
   Plan p{};
   p.chunks = row_bytes / width;
   const int64_t vec = vec_of(width);
   p.lanes = 1;
   while (p.lanes < 32 && p.lanes * vec < p.chunks) p.lanes *= 2;
-  const int64_t cap = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * kBlocksPerSM;
+  const int64_t cap = static_cast<int64_t>(sm_count) * kBlocksPerSM;
   p.tile = kTile;
   auto tiles = [&](int64_t t) { return (items + t - 1) / t; };
   while (p.tile > kMinTile && B * tiles(p.tile) < 2 * cap) p.tile /= 2;

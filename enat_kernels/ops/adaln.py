@@ -17,11 +17,10 @@ import math
 import numbers
 
 import torch
-import torch.nn.functional as F
 
 from .. import triton_utils
 from .._library import define
-from ..backends import Dispatcher
+from ..backends import Dispatcher, Entry
 from . import _checks
 
 triton, tl = triton_utils.triton, triton_utils.tl
@@ -48,12 +47,14 @@ def _normalized_grad(g, xhat, rstd, scale):
 
 
 def adaln_reference(x, shift, scale, eps):
-    # F.layer_norm is PyTorch's fused kernel (one pass on a CPU), then the modulation in the order the
-    # unfused model writes it, so that in fp32 the result is that of F.layer_norm + modulate bit for bit.
+    # PyTorch's fused LayerNorm (one pass on a CPU), then the modulation in the order the unfused model
+    # writes it, so that in fp32 the result is that of F.layer_norm + modulate bit for bit. Half
+    # precision inputs are computed in fp32 and rounded once.
     acc = _accumulator_dtype(x.dtype)
-    xhat = F.layer_norm(x.to(acc), x.shape[-1:], eps=eps)
-    out = xhat * (1 + scale.to(acc)[:, None]) + shift.to(acc)[:, None]
-    return out.to(x.dtype).contiguous()
+    if x.dtype != acc:
+        return adaln_reference(x.to(acc), shift.to(acc), scale.to(acc), eps).to(x.dtype)
+    xhat = torch.layer_norm(x, x.shape[-1:], None, None, eps)
+    return xhat * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
 def adaln_backward_reference(grad_out, x, scale, eps):
@@ -67,7 +68,10 @@ def adaln_backward_reference(grad_out, x, scale, eps):
 
 def residual_adaln_reference(x, y, gate, shift, scale, eps):
     acc = _accumulator_dtype(x.dtype)
-    x_new = torch.addcmul(x.to(acc), gate.to(acc)[:, None], y.to(acc)).to(x.dtype).contiguous()
+    if x.dtype == acc:
+        x_new = torch.addcmul(x, gate.unsqueeze(1), y).contiguous()
+    else:
+        x_new = torch.addcmul(x.to(acc), gate.to(acc).unsqueeze(1), y.to(acc)).to(x.dtype).contiguous()
     return x_new, adaln_reference(x_new, shift, scale, eps)
 
 
@@ -392,7 +396,8 @@ torch.library.register_autograd("enat::residual_adaln", _residual_backward, setu
 
 
 def _check(tensors, rows, eps):
-    """Check the arguments (errors name them): `tensors` are x (and y), then the (B, d) rows."""
+    """Check the arguments (errors name them): `tensors` are x (and y), then the (B, d) rows.
+    Returns eps as a float."""
     (x_name, x), *_ = tensors.items()
     for name, t in tensors.items():
         _checks.tensor(name, t, "B d" if name in rows else "B L d")
@@ -419,9 +424,7 @@ def adaln(x, shift, scale, *, eps=1e-6, backend=None):
     dtype (fp16, bf16, fp32; fp64 on the reference backend), statistics in fp32. Any strides; the
     Triton kernel needs each tensor contiguous in its last dimension.
     """
-    eps = _check(dict(x=x, shift=shift, scale=scale), ("shift", "scale"), eps)
-    chosen = ADALN.select(backend, x.device, x, shift, scale, eps)
-    return torch.ops.enat.adaln(x, shift, scale, eps, chosen)
+    return _ADALN(x, shift, scale, eps, backend=backend)
 
 
 def residual_adaln(x, y, gate, shift, scale, *, eps=1e-6, backend=None):
@@ -430,6 +433,10 @@ def residual_adaln(x, y, gate, shift, scale, *, eps=1e-6, backend=None):
     Returns (x_new, out), both (B, L, d) contiguous in x's dtype: x_new = x + gate[:, None] * y
     (computed in fp32, rounded once) and out = adaln(x_new, shift, scale, eps=eps).
     """
-    eps = _check(dict(x=x, y=y, gate=gate, shift=shift, scale=scale), ("gate", "shift", "scale"), eps)
-    chosen = RESIDUAL_ADALN.select(backend, x.device, x, y, gate, shift, scale, eps)
-    return torch.ops.enat.residual_adaln(x, y, gate, shift, scale, eps, chosen)
+    return _RESIDUAL_ADALN(x, y, gate, shift, scale, eps, backend=backend)
+
+
+_ADALN = Entry(ADALN, lambda x, shift, scale, eps: (
+    x, shift, scale, _check(dict(x=x, shift=shift, scale=scale), ("shift", "scale"), eps)))
+_RESIDUAL_ADALN = Entry(RESIDUAL_ADALN, lambda x, y, gate, shift, scale, eps: (
+    x, y, gate, shift, scale, _check(dict(x=x, y=y, gate=gate, shift=shift, scale=scale), ("gate", "shift", "scale"), eps)))

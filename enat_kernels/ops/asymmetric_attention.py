@@ -10,21 +10,27 @@ scores to one log-sum-exp and its values to one output.
 
 import math
 import numbers
-import os
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import triton_utils
-from .. import _library
 from .._library import define, register_cuda_fake
-from ..backends import CACHE_LIMIT, ENV_BACKEND, Dispatcher, signature
+from ..backends import Dispatcher, Entry
 from . import _checks
 
 triton, tl = triton_utils.triton, triton_utils.tl
 
 def _accumulator_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _new_out(q):
+    """The output (B, H, Lq, D) of every backend (and of the fake kernel), laid out (B, Lq, H, D):
+    out.transpose(1, 2) is contiguous, so the model's merge of the heads,
+    out.transpose(1, 2).reshape(B, Lq, H * D), is a view."""
+    B, H, Lq, D = q.shape
+    return q.new_empty((B, Lq, H, D)).transpose(1, 2)
 
 
 # Reference (plain PyTorch, fp32 accumulation; fp64 for fp64 inputs).
@@ -38,18 +44,20 @@ def _segment_scores(q, keys, scale):
 
 
 # PyTorch's fused CPU attention returns each segment's output and log-sum-exp without materialising
-# the scores; an empty query set takes the general path (that kernel divides by zero on it).
-_CPU_FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+# the scores; an empty query set takes the general path (that kernel divides by zero on it). Called
+# as a torch function (not through torch.ops.aten) for its lower host cost.
+_CPU_FUSED = getattr(torch, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def _cpu_fused_attention(q, segments, scale):
     """Per-segment fused attention, combined by log-sum-exp: with l = logaddexp(l_ctx, l_self),
     out = o_self + exp(l_ctx - l) (o_ctx - o_self)."""
     parts = [_CPU_FUSED(q, k, v, scale=scale) for k, v in segments]
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)  # contiguous, as the fake kernel says
     lse = q.new_empty(q.shape[:3])
     if len(parts) == 1:
-        return out.copy_(parts[0][0]), lse.copy_(parts[0][1])
+        out = parts[0][0]  # laid out as q: when q is the model's view, already as _new_out lays it out
+        return (out if out.transpose(1, 2).is_contiguous() else _new_out(q).copy_(out)), lse.copy_(parts[0][1])
+    out = _new_out(q)
     (o_ctx, l_ctx), (o_self, l_self) = parts
     torch.logaddexp(l_ctx, l_self, out=lse)
     return torch.lerp(o_self, o_ctx, (l_ctx - lse).exp_().unsqueeze(-1), out=out), lse
@@ -81,7 +89,7 @@ def asymmetric_attention_reference(q, k_ctx, v_ctx, k_self, v_self, scale):
             numerator.add_(torch.matmul(p, v))
             denominator.add_(p.sum(dim=-1, keepdim=True))
     lse = m.squeeze(-1).add_(denominator.log().squeeze(-1))
-    return numerator.div_(denominator).to(q.dtype), lse
+    return _new_out(q).copy_(numerator.div_(denominator)), lse
 
 
 def asymmetric_attention_backward_reference(grad_out, q, k_ctx, v_ctx, k_self, v_self, out, lse, scale):
@@ -102,18 +110,38 @@ def asymmetric_attention_backward_reference(grad_out, q, k_ctx, v_ctx, k_self, v
     return (dq.to(q.dtype), *grads)
 
 
-# Triton. Every kernel walks the joined key range [0, Lc + Ls) ("virtual concatenation"): row n of a
-# K/V tile comes from the context segment when n < Lc and from the self segment at row n - Lc
-# otherwise, each through its own strides, so one tile may straddle the boundary while the segments
-# are never joined in memory. Full tiles load without row masks; only the last, partial tile is
-# masked. The head dim is padded to a power of two >= 16 (masked columns unless D is one). Offsets of
-# batch, head and row are 64-bit; accumulation is fp32.
-# Forward: one online softmax in the log2 domain, the scores scaled and shifted by one multiply-add
-# s * (scale log2 e) - m. Backward: one launch, no atomics (deterministic). For Lq <= SMALL_LQ one
-# program per (batch, head) holds every query with its delta = rowsum(dO * O) and dQ, and finishes
-# dK/dV of each key tile as it passes; longer query ranges run one program per tile index j that
-# computes dK/dV of key tile j (delta recomputed per query tile from O and dO) and dQ of query tile j.
-# Autotuning is keyed on the dtype, the head dim and the power-of-two buckets of Lq and Lc + Ls.
+# Triton. The two key segments are walked one after the other, each from its own base pointer with its
+# own strides: context tiles [0, Lc), then self tiles [0, Ls). Every tile comes from one segment, so its
+# rows are one strided range that Triton vectorises and pipelines (cp.async on sm_80, cp.async or TMA
+# on sm_90) whenever the strides allow; full tiles load without row masks and each segment ends in at
+# most one masked tile. The head dim is padded to a power of two >= 16 on chip (masked columns unless D
+# is one: ENAT-S's 61 runs as 64). Offsets of batch, head and row are 64-bit; accumulation is fp32;
+# fp16 and bf16 products run on tensor cores (wgmma on sm_90, mma.sync on sm_80), fp32 ones are exact
+# ("ieee": FMA, no TF32).
+#
+# Forward: one program per (query tile, batch * head); one online softmax over both segments in the log2
+# domain, the scores scaled and shifted by one multiply-add s * (scale log2 e) - m.
+#
+# Backward: a preprocessing kernel writes delta = rowsum(dO * O) (fp32, (B, H, Lq)); then one program
+# per (batch, head) owns every gradient of that head, so nothing needs atomics and every run gives the
+# same bits. The program walks the key tiles (context, then self) and for each walks the query tiles,
+# computing per (key tile, query tile) the five products of FlashAttention-2 in the key-major
+# (transposed) form, whose M dimension is the key tile or the head dim (>= 64 for wgmma whatever the
+# query tile):
+#     S^T = K Q^T,  dV += P^T dO,  dP^T = V dO^T,  dK += dS^T Q,  dQ^T += K^T dS^T.
+# dK and dV of the key tile stay in registers and are stored once. dQ of a query tile gathers over the
+# key tiles of the program: when every query fits one tile (Lq <= SMALL_LQ, the "one-tile" kernel,
+# which computes delta itself from the O and dO it holds) it stays in registers; otherwise it is read,
+# added to and written back in an fp32 scratch of (B, H, Lq, D) between key tiles (the first key tile
+# writes without reading, the last one writes dQ in its dtype; a barrier per key tile orders the
+# program's own writes and reads). This is FlashAttention-2's algorithm and memory traffic with the
+# atomic dQ adds replaced by owned read-modify-writes; its cost is parallelism: B * H programs (2048
+# for ENAT-L training, B = 128, H = 16), so small B * H leave SMs idle. The alternative without atomics,
+# a dK/dV kernel over key tiles plus a dQ kernel over query tiles (Triton's fused-attention tutorial),
+# has B * H * tiles programs but 7 products per tile pair instead of 5.
+# Autotuning is keyed on the head dim, the precision and the power-of-two buckets of Lq and Lc + Ls; the
+# configs are those that compile without spills and within shared memory on sm_80 and sm_90
+# (tests/test_gpu_targets.py), per target (`target_configs`).
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_D = 128
@@ -131,12 +159,6 @@ if triton is not None:
     def _rows(base, rows, stride_l):
         """[len(rows), 1] pointers to the first element of each row of one (batch, head)'s (L, D) matrix."""
         return base + rows[:, None].to(tl.int64) * stride_l
-
-    @triton.jit
-    def _joined_rows(ctx_base, ctx_stride, self_base, self_stride, n, Lc):
-        """Row pointers of rows n of the joined [context ; self] range."""
-        n64 = n[:, None].to(tl.int64)
-        return tl.where(n64 < Lc, ctx_base + n64 * ctx_stride, self_base + (n64 - Lc) * self_stride)
 
     @triton.jit
     def _load(row_ptrs, offs_d, row_ok, D, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
@@ -158,14 +180,9 @@ if triton is not None:
                      mask=row_ok[:, None] & (offs_d[None, :] < D))
 
     @triton.jit
-    def _fwd_tile(acc, m_i, l_i, q, kc, vc, ks, vs, skc_l, svc_l, sks_l, svs_l, start, Lc, Lk, D, qk_scale,
-                  offs_d, BLOCK_N: tl.constexpr, LAST: tl.constexpr, EVEN_D: tl.constexpr,
-                  NEG_SCALE: tl.constexpr, PRECISION: tl.constexpr):
-        """Fold keys [start, start + BLOCK_N) of the joined range into (acc, row max m_i, row sum l_i)."""
-        n = start + tl.arange(0, BLOCK_N)
-        n_ok = n < Lk
-        k = _load(_joined_rows(kc, skc_l, ks, sks_l, n, Lc), offs_d, n_ok, D, LAST, EVEN_D)
-        v = _load(_joined_rows(vc, svc_l, vs, svs_l, n, Lc), offs_d, n_ok, D, LAST, EVEN_D)
+    def _fwd_tile(acc, m_i, l_i, q, k, v, n_ok, qk_scale, LAST: tl.constexpr, NEG_SCALE: tl.constexpr,
+                  PRECISION: tl.constexpr):
+        """Fold a key tile (k, v; n_ok: its rows in range, read when LAST) into (acc, row max m_i, row sum l_i)."""
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if LAST:
             s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))
@@ -184,6 +201,38 @@ if triton is not None:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         return acc, m_new, l_i
 
+    @triton.jit
+    def _fwd_segment(acc, m_i, l_i, q, k_base, v_base, sk_l, sv_l, L, D, qk_scale, offs_d,
+                     BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, PREFETCH: tl.constexpr, NEG_SCALE: tl.constexpr,
+                     PRECISION: tl.constexpr):
+        """Fold the L keys of one segment: full tiles unmasked, then the partial one. Triton pipelines the
+        full tiles' loads (cp.async, TMA) when the rows allow 4-byte or wider copies; rows that do not
+        (PREFETCH: ENAT-S's head dim 61 in the model's layout starts rows at 2-byte boundaries) are
+        pipelined here instead, each tile loaded into registers while the previous one is used."""
+        full = L - L % BLOCK_N
+        n = tl.arange(0, BLOCK_N)
+        if PREFETCH:
+            k_next = _load(_rows(k_base, n, sk_l), offs_d, n < full, D, True, EVEN_D)
+            v_next = _load(_rows(v_base, n, sv_l), offs_d, n < full, D, True, EVEN_D)
+            for start in range(0, full, BLOCK_N):
+                k = k_next
+                v = v_next
+                following = start + BLOCK_N + n
+                k_next = _load(_rows(k_base, following, sk_l), offs_d, following < full, D, True, EVEN_D)
+                v_next = _load(_rows(v_base, following, sv_l), offs_d, following < full, D, True, EVEN_D)
+                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k, v, n, qk_scale, False, NEG_SCALE, PRECISION)
+        else:
+            for start in range(0, full, BLOCK_N):
+                k = _load(_rows(k_base, start + n, sk_l), offs_d, n, D, False, EVEN_D)
+                v = _load(_rows(v_base, start + n, sv_l), offs_d, n, D, False, EVEN_D)
+                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k, v, n, qk_scale, False, NEG_SCALE, PRECISION)
+        if full < L:
+            n_ok = full + n < L
+            k = _load(_rows(k_base, full + n, sk_l), offs_d, n_ok, D, True, EVEN_D)
+            v = _load(_rows(v_base, full + n, sv_l), offs_d, n_ok, D, True, EVEN_D)
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k, v, n_ok, qk_scale, True, NEG_SCALE, PRECISION)
+        return acc, m_i, l_i
+
     def _prune_by_lq(configs, named_args, **kwargs):
         """Drop query tiles larger than the query range needs (keep the smallest if none fit)."""
         fit = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, named_args["LQ_KEY"])]
@@ -194,21 +243,23 @@ if triton is not None:
         fit = [c for c in configs if c.kwargs["BLOCK_N"] <= max(16, named_args["LK_KEY"])]
         return fit or [min(configs, key=lambda c: c.kwargs["BLOCK_N"])]
 
-    # Hopper and Ampere: 64- and 128-row query tiles as in FlashAttention-2 and Triton's fused-attention
-    # tutorial, smaller ones for the short query ranges of the reuse encoder.
     FORWARD_CONFIGS = [
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=2),
     ]
 
     @triton.autotune(configs=triton_utils.autotune_configs(FORWARD_CONFIGS),
-                     key=["LQ_KEY", "LK_KEY", "BLOCK_D", "EVEN_D", "PRECISION"],
+                     key=["LQ_KEY", "LK_KEY", "BLOCK_D", "EVEN_D", "PREFETCH", "PRECISION"],
                      prune_configs_by={"early_config_prune": _prune_by_lq})
     @triton.jit
     def _attention_fwd_kernel(
@@ -217,7 +268,7 @@ if triton is not None:
         sq_b, sq_h, sq_l, skc_b, skc_h, skc_l, svc_b, svc_h, svc_l,
         sks_b, sks_h, sks_l, svs_b, svs_h, svs_l, so_b, so_h, so_l,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-        NEG_SCALE: tl.constexpr, PRECISION: tl.constexpr,
+        PREFETCH: tl.constexpr, NEG_SCALE: tl.constexpr, PRECISION: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -226,193 +277,168 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         m_ok = offs_m < Lq
         q = _load(_rows(q_ptr + b * sq_b + h * sq_h, offs_m, sq_l), offs_d, m_ok, D, True, EVEN_D)
-        kc = kc_ptr + b * skc_b + h * skc_h
-        vc = vc_ptr + b * svc_b + h * svc_h
-        ks = ks_ptr + b * sks_b + h * sks_h
-        vs = vs_ptr + b * svs_b + h * svs_h
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        Lk = Lc + Ls
-        full = Lk - Lk % BLOCK_N
-        for start in range(0, full, BLOCK_N):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kc, vc, ks, vs, skc_l, svc_l, sks_l, svs_l, start, Lc, Lk, D,
-                                      qk_scale, offs_d, BLOCK_N, False, EVEN_D, NEG_SCALE, PRECISION)
-        if full < Lk:
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kc, vc, ks, vs, skc_l, svc_l, sks_l, svs_l, full, Lc, Lk, D,
-                                      qk_scale, offs_d, BLOCK_N, True, EVEN_D, NEG_SCALE, PRECISION)
+        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, kc_ptr + b * skc_b + h * skc_h, vc_ptr + b * svc_b + h * svc_h,
+                                     skc_l, svc_l, Lc, D, qk_scale, offs_d, BLOCK_N, EVEN_D, PREFETCH, NEG_SCALE,
+                                     PRECISION)
+        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, ks_ptr + b * sks_b + h * sks_h, vs_ptr + b * svs_b + h * svs_h,
+                                     sks_l, svs_l, Ls, D, qk_scale, offs_d, BLOCK_N, EVEN_D, PREFETCH, NEG_SCALE,
+                                     PRECISION)
         out = acc * (1.0 / l_i)[:, None]
         _store(_rows(out_ptr + b * so_b + h * so_h, offs_m, so_l), offs_d, m_ok, D, out, EVEN_D)
         tl.store(lse_ptr + bh.to(tl.int64) * Lq + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_ok)
 
     @triton.jit
-    def _bwd_key_tile(q, do, lse2, delta, kc, vc, ks, vs, dkc, dvc, dks, dvs,
-                      skc_l, svc_l, sks_l, svs_l, sdkc_l, sdvc_l, sdks_l, sdvs_l, start, Lc, Lk, D, qk_scale, scale,
-                      offs_d, BLOCK_N: tl.constexpr, LAST: tl.constexpr, EVEN_D: tl.constexpr,
-                      PRECISION: tl.constexpr):
-        """Key tile [start, start + BLOCK_N) against every query (held in registers): stores its dK
-        and dV and returns its dS @ K share of dQ (unscaled)."""
-        n = start + tl.arange(0, BLOCK_N)
-        n_ok = n < Lk
-        k = _load(_joined_rows(kc, skc_l, ks, sks_l, n, Lc), offs_d, n_ok, D, LAST, EVEN_D)
-        v = _load(_joined_rows(vc, svc_l, vs, svs_l, n, Lc), offs_d, n_ok, D, LAST, EVEN_D)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        # Query rows past Lq hold q = dO = delta = 0 and contribute nothing; key columns past Lk (last
-        # tile only) are zeroed, since exp2(-lse2) may overflow there.
-        p = tl.exp2(s * qk_scale - lse2[:, None])
-        if LAST:
-            p = tl.where(n_ok[None, :], p, 0.0)
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = (p * (dp - delta[:, None])).to(q.dtype)
-        dk = tl.dot(tl.trans(ds), q, input_precision=PRECISION) * scale
-        _store(_joined_rows(dkc, sdkc_l, dks, sdks_l, n, Lc), offs_d, n_ok, D, dk, EVEN_D)
-        _store(_joined_rows(dvc, sdvc_l, dvs, sdvs_l, n, Lc), offs_d, n_ok, D, dv, EVEN_D)
-        return tl.dot(ds, k, input_precision=PRECISION)
-
-    # The query tile of the one-tile backward is Lq rounded up to a power of two (set by the launcher).
-    BACKWARD_SHORT_CONFIGS = [
-        triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=2),
-    ]
-
-    @triton.autotune(
-        configs=triton_utils.autotune_configs(BACKWARD_SHORT_CONFIGS),
-        key=["LK_KEY", "BLOCK_M", "BLOCK_D", "EVEN_D", "PRECISION"],
-        prune_configs_by={"early_config_prune": _prune_by_lk},
-    )
-    @triton.jit
-    def _attention_bwd_short_kernel(
-        q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, out_ptr, do_ptr, lse_ptr,
-        dq_ptr, dkc_ptr, dvc_ptr, dks_ptr, dvs_ptr,
-        H, Lq, Lc, Ls, D, qk_scale, scale, LK_KEY,
-        sq_b, sq_h, sq_l, skc_b, skc_h, skc_l, svc_b, svc_h, svc_l, sks_b, sks_h, sks_l, svs_b, svs_h, svs_l,
-        so_b, so_h, so_l, sdo_b, sdo_h, sdo_l, sdq_b, sdq_h, sdq_l, sdkc_b, sdkc_h, sdkc_l,
-        sdvc_b, sdvc_h, sdvc_l, sdks_b, sdks_h, sdks_l, sdvs_b, sdvs_h, sdvs_l,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-        PRECISION: tl.constexpr,
-    ):
-        """All gradients of one (batch, head) whose Lq <= BLOCK_M queries fit in one tile."""
-        bh = tl.program_id(0)
+    def _attention_bwd_delta_kernel(out_ptr, do_ptr, delta_ptr, H, Lq, D, so_b, so_h, so_l, sdo_b, sdo_h, sdo_l,
+                                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+        """delta = rowsum(dO * O) of BLOCK_M query rows of one (batch, head), fp32."""
+        bh = tl.program_id(1)
         b, h = _batch_head(bh, H)
-        offs_m = tl.arange(0, BLOCK_M)
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         m_ok = offs_m < Lq
-        q = _load(_rows(q_ptr + b * sq_b + h * sq_h, offs_m, sq_l), offs_d, m_ok, D, True, EVEN_D)
-        do = _load(_rows(do_ptr + b * sdo_b + h * sdo_h, offs_m, sdo_l), offs_d, m_ok, D, True, EVEN_D)
         o = _load(_rows(out_ptr + b * so_b + h * so_h, offs_m, so_l), offs_d, m_ok, D, True, EVEN_D)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        lse2 = tl.load(lse_ptr + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
-        kc = kc_ptr + b * skc_b + h * skc_h
-        vc = vc_ptr + b * svc_b + h * svc_h
-        ks = ks_ptr + b * sks_b + h * sks_h
-        vs = vs_ptr + b * svs_b + h * svs_h
-        dkc = dkc_ptr + b * sdkc_b + h * sdkc_h
-        dvc = dvc_ptr + b * sdvc_b + h * sdvc_h
-        dks = dks_ptr + b * sdks_b + h * sdks_h
-        dvs = dvs_ptr + b * sdvs_b + h * sdvs_h
-        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        Lk = Lc + Ls
-        full = Lk - Lk % BLOCK_N
-        for start in range(0, full, BLOCK_N):
-            dq += _bwd_key_tile(q, do, lse2, delta, kc, vc, ks, vs, dkc, dvc, dks, dvs,
-                                skc_l, svc_l, sks_l, svs_l, sdkc_l, sdvc_l, sdks_l, sdvs_l, start, Lc, Lk, D,
-                                qk_scale, scale, offs_d, BLOCK_N, False, EVEN_D, PRECISION)
-        if full < Lk:
-            dq += _bwd_key_tile(q, do, lse2, delta, kc, vc, ks, vs, dkc, dvc, dks, dvs,
-                                skc_l, svc_l, sks_l, svs_l, sdkc_l, sdvc_l, sdks_l, sdvs_l, full, Lc, Lk, D,
-                                qk_scale, scale, offs_d, BLOCK_N, True, EVEN_D, PRECISION)
-        _store(_rows(dq_ptr + b * sdq_b + h * sdq_h, offs_m, sdq_l), offs_d, m_ok, D, dq * scale, EVEN_D)
+        do = _load(_rows(do_ptr + b * sdo_b + h * sdo_h, offs_m, sdo_l), offs_d, m_ok, D, True, EVEN_D)
+        tl.store(delta_ptr + bh.to(tl.int64) * Lq + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=m_ok)
 
     @triton.jit
-    def _bwd_query_tile(q_base, do_base, o_base, lse_row, sq_l, sdo_l, so_l, offs_m, offs_d, Lq, D,
-                        EVEN_D: tl.constexpr):
-        """q, dO, log2-domain lse and delta = rowsum(dO * O) of the query rows offs_m."""
+    def _bwd_query_tile(dk, dv, k, v, q_base, do_base, lse_row, delta_row, dq_base, dqs_base, sq_l, sdo_l, sdq_l,
+                        sdqs_l, start, first, last, n_ok, Lq, D, qk_scale, scale, offs_d, BLOCK_M: tl.constexpr,
+                        KEY_MASK: tl.constexpr, QUERY_MASK: tl.constexpr, EVEN_D: tl.constexpr, DV: tl.constexpr,
+                        DK: tl.constexpr, DQ: tl.constexpr, PRECISION: tl.constexpr):
+        """Query tile [start, start + BLOCK_M) against a key tile (k, v): adds its shares to dV (DV), dK (DK)
+        and to dQ (DQ: in the fp32 scratch, or dQ itself at the last key tile). Query rows past Lq hold
+        q = dO = lse = delta = 0 and contribute nothing; key rows past the segment (KEY_MASK) get P = 0,
+        since exp2(-lse2) may overflow there."""
+        offs_m = start + tl.arange(0, BLOCK_M)
         m_ok = offs_m < Lq
-        q = _load(_rows(q_base, offs_m, sq_l), offs_d, m_ok, D, True, EVEN_D)
-        do = _load(_rows(do_base, offs_m, sdo_l), offs_d, m_ok, D, True, EVEN_D)
-        o = _load(_rows(o_base, offs_m, so_l), offs_d, m_ok, D, True, EVEN_D)
-        lse2 = tl.load(lse_row + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
-        return q, do, lse2, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), m_ok
+        q = _load(_rows(q_base, offs_m, sq_l), offs_d, m_ok, D, QUERY_MASK, EVEN_D)
+        do = _load(_rows(do_base, offs_m, sdo_l), offs_d, m_ok, D, QUERY_MASK, EVEN_D)
+        if QUERY_MASK:
+            lse2 = tl.load(lse_row + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+        else:
+            lse2 = tl.load(lse_row + offs_m) * 1.4426950408889634
+        p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :])  # P^T
+        if KEY_MASK:
+            p_t = tl.where(n_ok[:, None], p_t, 0.0)
+        if DV:
+            dv = tl.dot(p_t.to(do.dtype), do, acc=dv, input_precision=PRECISION)
+        if DK or DQ:
+            if QUERY_MASK:
+                delta = tl.load(delta_row + offs_m, mask=m_ok, other=0.0)
+            else:
+                delta = tl.load(delta_row + offs_m)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)  # dS^T
+            if DK:
+                dk = tl.dot(ds_t, q, acc=dk, input_precision=PRECISION)
+            if DQ:
+                # dQ^T [BLOCK_D, BLOCK_M] += K^T dS^T: the scratch rows are query rows, so the tile is transposed.
+                dqs = dqs_base + offs_m[None, :].to(tl.int64) * sdqs_l + offs_d[:, None]
+                tile_ok = m_ok[None, :] & (offs_d[:, None] < D)
+                dq_t = tl.load(dqs, mask=tile_ok & (first == 0), other=0.0)
+                dq_t = tl.dot(tl.trans(k), ds_t, acc=dq_t, input_precision=PRECISION)
+                tl.store(dqs, dq_t, mask=tile_ok & (last == 0))
+                dq = dq_base + offs_m[None, :].to(tl.int64) * sdq_l + offs_d[:, None]
+                tl.store(dq, (dq_t * scale).to(dq_base.dtype.element_ty), mask=tile_ok & (last != 0))
+        return dk, dv
+
+    @triton.jit
+    def _bwd_key_tile(q_base, do_base, lse_row, delta_row, dq_base, dqs_base, k_base, v_base, dk_base, dv_base,
+                      sq_l, sdo_l, sdq_l, sdqs_l, sk_l, sv_l, sdk_l, sdv_l, start, L, first, last, Lq, D,
+                      qk_scale, scale, offs_d, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_MASK: tl.constexpr,
+                      EVEN_D: tl.constexpr, DV: tl.constexpr, DK: tl.constexpr, DQ: tl.constexpr,
+                      PRECISION: tl.constexpr):
+        """Key tile [start, start + BLOCK_N) of one segment of L keys against every query tile (full tiles
+        unmasked, then the partial one): stores its dV (DV) and dK (DK), adds its shares of dQ (DQ)."""
+        n = start + tl.arange(0, BLOCK_N)
+        n_ok = n < L
+        k = _load(_rows(k_base, n, sk_l), offs_d, n_ok, D, KEY_MASK, EVEN_D)
+        v = k
+        if DK or DQ:
+            v = _load(_rows(v_base, n, sv_l), offs_d, n_ok, D, KEY_MASK, EVEN_D)
+        dk = tl.zeros(k.shape, tl.float32)
+        dv = tl.zeros(k.shape, tl.float32)
+        if DQ:
+            tl.debug_barrier()  # orders the previous key tile's dQ scratch writes before this one's reads
+        full = Lq - Lq % BLOCK_M
+        for m0 in range(0, full, BLOCK_M):
+            dk, dv = _bwd_query_tile(dk, dv, k, v, q_base, do_base, lse_row, delta_row, dq_base, dqs_base, sq_l,
+                                     sdo_l, sdq_l, sdqs_l, m0, first, last, n_ok, Lq, D, qk_scale, scale, offs_d,
+                                     BLOCK_M, KEY_MASK, False, EVEN_D, DV, DK, DQ, PRECISION)
+        if full < Lq:
+            dk, dv = _bwd_query_tile(dk, dv, k, v, q_base, do_base, lse_row, delta_row, dq_base, dqs_base, sq_l,
+                                     sdo_l, sdq_l, sdqs_l, full, first, last, n_ok, Lq, D, qk_scale, scale, offs_d,
+                                     BLOCK_M, KEY_MASK, True, EVEN_D, DV, DK, DQ, PRECISION)
+        if DV:
+            _store(_rows(dv_base, n, sdv_l), offs_d, n_ok, D, dv, EVEN_D)
+        if DK:
+            _store(_rows(dk_base, n, sdk_l), offs_d, n_ok, D, dk * scale, EVEN_D)
 
     BACKWARD_CONFIGS = [
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=8, num_stages=1),
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=2, num_stages=2),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=2, num_stages=1),
     ]
 
     @triton.autotune(
         configs=triton_utils.autotune_configs(BACKWARD_CONFIGS),
-        key=["LQ_KEY", "LK_KEY", "BLOCK_D", "EVEN_D", "PRECISION"],
+        key=["LQ_KEY", "LK_KEY", "BLOCK_D", "EVEN_D", "DV", "DK", "DQ", "PRECISION"],
     )
     @triton.jit
     def _attention_bwd_kernel(
-        q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, out_ptr, do_ptr, lse_ptr,
-        dq_ptr, dkc_ptr, dvc_ptr, dks_ptr, dvs_ptr,
+        q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, do_ptr, lse_ptr, delta_ptr,
+        dq_ptr, dqs_ptr, dkc_ptr, dvc_ptr, dks_ptr, dvs_ptr,
         H, Lq, Lc, Ls, D, qk_scale, scale, LQ_KEY, LK_KEY,
         sq_b, sq_h, sq_l, skc_b, skc_h, skc_l, svc_b, svc_h, svc_l, sks_b, sks_h, sks_l, svs_b, svs_h, svs_l,
-        so_b, so_h, so_l, sdo_b, sdo_h, sdo_l, sdq_b, sdq_h, sdq_l, sdkc_b, sdkc_h, sdkc_l,
+        sdo_b, sdo_h, sdo_l, sdq_b, sdq_h, sdq_l, sdqs_b, sdqs_h, sdqs_l, sdkc_b, sdkc_h, sdkc_l,
         sdvc_b, sdvc_h, sdvc_l, sdks_b, sdks_h, sdks_l, sdvs_b, sdvs_h, sdvs_l,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-        PRECISION: tl.constexpr,
+        DV: tl.constexpr, DK: tl.constexpr, DQ: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        """Program (j, bh): dK and dV of key tile j over every query tile, and dQ of query tile j
-        over every key tile (either part is skipped when tile j is past its range)."""
-        j = tl.program_id(0)
-        bh = tl.program_id(1)
+        """All gradients of one (batch, head): the key tiles of the context, then of the self segment (one
+        loop, each segment from its own pointers), each against every query tile."""
+        bh = tl.program_id(0)
         b, h = _batch_head(bh, H)
         offs_d = tl.arange(0, BLOCK_D)
         q_base = q_ptr + b * sq_b + h * sq_h
         do_base = do_ptr + b * sdo_b + h * sdo_h
-        o_base = out_ptr + b * so_b + h * so_h
         lse_row = lse_ptr + bh.to(tl.int64) * Lq
-        kc = kc_ptr + b * skc_b + h * skc_h
-        vc = vc_ptr + b * svc_b + h * svc_h
-        ks = ks_ptr + b * sks_b + h * sks_h
-        vs = vs_ptr + b * svs_b + h * svs_h
-        Lk = Lc + Ls
-        if j * BLOCK_N < Lk:
-            n = j * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = n < Lk
-            k = _load(_joined_rows(kc, skc_l, ks, sks_l, n, Lc), offs_d, n_ok, D, True, EVEN_D)
-            v = _load(_joined_rows(vc, svc_l, vs, svs_l, n, Lc), offs_d, n_ok, D, True, EVEN_D)
-            dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-            dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-            for start in range(0, Lq, BLOCK_M):
-                q, do, lse2, delta, m_ok = _bwd_query_tile(q_base, do_base, o_base, lse_row, sq_l, sdo_l, so_l,
-                                                           start + tl.arange(0, BLOCK_M), offs_d, Lq, D, EVEN_D)
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-                p = tl.where(m_ok[:, None] & n_ok[None, :], tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-                ds = (p * (dp - delta[:, None])).to(q.dtype)
-                dk += tl.dot(tl.trans(ds), q, input_precision=PRECISION)
-            dkc = dkc_ptr + b * sdkc_b + h * sdkc_h
-            dvc = dvc_ptr + b * sdvc_b + h * sdvc_h
-            dks = dks_ptr + b * sdks_b + h * sdks_h
-            dvs = dvs_ptr + b * sdvs_b + h * sdvs_h
-            _store(_joined_rows(dkc, sdkc_l, dks, sdks_l, n, Lc), offs_d, n_ok, D, dk * scale, EVEN_D)
-            _store(_joined_rows(dvc, sdvc_l, dvs, sdvs_l, n, Lc), offs_d, n_ok, D, dv, EVEN_D)
-        if j * BLOCK_M < Lq:
-            offs_m = j * BLOCK_M + tl.arange(0, BLOCK_M)
-            q, do, lse2, delta, m_ok = _bwd_query_tile(q_base, do_base, o_base, lse_row, sq_l, sdo_l, so_l,
-                                                       offs_m, offs_d, Lq, D, EVEN_D)
-            dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-            for start in range(0, Lk, BLOCK_N):
-                n = start + tl.arange(0, BLOCK_N)
-                n_ok = n < Lk
-                k = _load(_joined_rows(kc, skc_l, ks, sks_l, n, Lc), offs_d, n_ok, D, True, EVEN_D)
-                v = _load(_joined_rows(vc, svc_l, vs, svs_l, n, Lc), offs_d, n_ok, D, True, EVEN_D)
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-                p = tl.where(n_ok[None, :], tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-                ds = (p * (dp - delta[:, None])).to(k.dtype)
-                dq += tl.dot(ds, k, input_precision=PRECISION)
-            _store(_rows(dq_ptr + b * sdq_b + h * sdq_h, offs_m, sdq_l), offs_d, m_ok, D, dq * scale, EVEN_D)
+        delta_row = delta_ptr + bh.to(tl.int64) * Lq
+        dq_base = dq_ptr + b * sdq_b + h * sdq_h
+        dqs_base = dqs_ptr + b * sdqs_b + h * sdqs_h
+        for segment in range(2):
+            ctx = segment == 0
+            k_base = tl.where(ctx, kc_ptr + b * skc_b + h * skc_h, ks_ptr + b * sks_b + h * sks_h)
+            v_base = tl.where(ctx, vc_ptr + b * svc_b + h * svc_h, vs_ptr + b * svs_b + h * svs_h)
+            dk_base = tl.where(ctx, dkc_ptr + b * sdkc_b + h * sdkc_h, dks_ptr + b * sdks_b + h * sdks_h)
+            dv_base = tl.where(ctx, dvc_ptr + b * sdvc_b + h * sdvc_h, dvs_ptr + b * sdvs_b + h * sdvs_h)
+            sk_l = tl.where(ctx, skc_l, sks_l)
+            sv_l = tl.where(ctx, svc_l, svs_l)
+            sdk_l = tl.where(ctx, sdkc_l, sdks_l)
+            sdv_l = tl.where(ctx, sdvc_l, sdvs_l)
+            L = tl.where(ctx, Lc, Ls)
+            first_segment = ctx | (Lc == 0)  # dQ: the first key tile writes the scratch without reading it,
+            last_segment = (~ctx) | (Ls == 0)  # the last one writes dQ itself
+            full = L - L % BLOCK_N
+            for start in range(0, full, BLOCK_N):
+                _bwd_key_tile(q_base, do_base, lse_row, delta_row, dq_base, dqs_base, k_base, v_base, dk_base,
+                              dv_base, sq_l, sdo_l, sdq_l, sdqs_l, sk_l, sv_l, sdk_l, sdv_l, start, L,
+                              (start == 0) & first_segment, (start + BLOCK_N >= L) & last_segment, Lq, D, qk_scale,
+                              scale, offs_d, BLOCK_M, BLOCK_N, False, EVEN_D, DV, DK, DQ, PRECISION)
+            if full < L:
+                _bwd_key_tile(q_base, do_base, lse_row, delta_row, dq_base, dqs_base, k_base, v_base, dk_base,
+                              dv_base, sq_l, sdo_l, sdq_l, sdqs_l, sk_l, sv_l, sdk_l, sdv_l, full, L,
+                              (full == 0) & first_segment, last_segment, Lq, D, qk_scale, scale, offs_d, BLOCK_M,
+                              BLOCK_N, True, EVEN_D, DV, DK, DQ, PRECISION)
 
 
 def _bucket(n):
@@ -420,15 +446,33 @@ def _bucket(n):
     return min(triton.next_power_of_2(max(int(n), 1)), 1024)
 
 
-def _triton_meta(q):
+def _triton_meta(q, min_block_d=16):
     """Padded head dim and dot precision: exact fp32 products for fp32 inputs (no TF32)."""
     D = q.shape[-1]
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(min_block_d, triton.next_power_of_2(D))
     return dict(BLOCK_D=block_d, EVEN_D=block_d == D, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _rows_copy_aligned(*tensors):
+    """Whether every row of every (B, H, L, D) tensor starts and ends on a 16-byte boundary, so that the
+    compiler can copy K/V tiles asynchronously (else the forward prefetches them into registers)."""
+    return all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:3])
+               and t.shape[-1] * t.element_size() % 16 == 0 for t in tensors)
 
 
 def _bhl_strides(*tensors):
     return [s for t in tensors for s in t.stride()[:3]]
+
+
+DELTA_BLOCK_M = 64  # query rows per program of the delta kernel
+# The backward's launches per target family and padded head dim, each with the gradients it accumulates:
+# one pass of the five products, or one launch per gradient (S^T three times, dP^T twice: 8 products
+# instead of 5) where the registers of two fp32 accumulators and the dQ tile do not fit without spills
+# (tests/test_gpu_targets.py).
+ONE_PASS = (("dV", "dK", "dQ"),)
+PER_GRADIENT = (("dV",), ("dK",), ("dQ",))
+BACKWARD_PASSES = {("sm90", 64): ONE_PASS, ("sm80", 64): ONE_PASS, ("sm90", 128): PER_GRADIENT,
+                   ("sm80", 128): PER_GRADIENT}
 
 
 def asymmetric_attention_triton(q, k_ctx, v_ctx, k_self, v_self, scale, *, config=None):
@@ -436,23 +480,24 @@ def asymmetric_attention_triton(q, k_ctx, v_ctx, k_self, v_self, scale, *, confi
     every configuration)."""
     B, H, Lq, D = q.shape
     Lc, Ls = k_ctx.shape[2], k_self.shape[2]
-    out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
+    out = _new_out(q)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
     buckets = _bucket(Lq), _bucket(Lc + Ls)
     args = (q, k_ctx, v_ctx, k_self, v_self, out, lse, H, Lq, Lc, Ls, D, scale * LOG2E, *buckets,
             *_bhl_strides(q, k_ctx, v_ctx, k_self, v_self, out))
-    meta = dict(_triton_meta(q), NEG_SCALE=scale < 0)
+    meta = dict(_triton_meta(q), PREFETCH=not _rows_copy_aligned(k_ctx, v_ctx, k_self, v_self), NEG_SCALE=scale < 0)
     triton_utils.launch(_attention_fwd_kernel, lambda m: (triton.cdiv(Lq, m["BLOCK_M"]), B * H), args, meta,
                         config, (q.dtype, *buckets, *meta.values()))
     return out, lse
 
 
 def asymmetric_attention_backward_triton(grad_out, q, k_ctx, v_ctx, k_self, v_self, out, lse, scale, *,
-                                         config=None, short=None):
-    """Gradients on the Triton kernels: the one-tile kernel when Lq <= SMALL_LQ, the tiled one otherwise
-    (`short` forces either, `config` bypasses autotuning; tests use both)."""
+                                         config=None, passes=None):
+    """Gradients on the Triton kernels: delta = rowsum(dO * O), then per pass one program per (batch,
+    head). `config` (a triton.Config) bypasses autotuning and `passes` (a value of BACKWARD_PASSES)
+    overrides the target's passes; tests use both to run every configuration of every pass."""
     B, H, Lq, D = q.shape
     Lc, Ls = k_ctx.shape[2], k_self.shape[2]
     grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k_ctx, v_ctx, k_self, v_self)]
@@ -460,18 +505,24 @@ def asymmetric_attention_backward_triton(grad_out, q, k_ctx, v_ctx, k_self, v_se
         return tuple(g.zero_() for g in grads)
     if grad_out.stride(-1) != 1:  # autograd may hand over an expanded gradient
         grad_out = grad_out.contiguous()
-    args = (q, k_ctx, v_ctx, k_self, v_self, out, grad_out, lse, *grads, H, Lq, Lc, Ls, D, scale * LOG2E, scale)
-    strides = _bhl_strides(q, k_ctx, v_ctx, k_self, v_self, out, grad_out, *grads)
-    meta = _triton_meta(q)
-    if short if short is not None else Lq <= SMALL_LQ:
-        meta["BLOCK_M"] = max(16, triton.next_power_of_2(Lq))
-        triton_utils.launch(_attention_bwd_short_kernel, lambda m: (B * H,), (*args, _bucket(Lc + Ls), *strides),
-                            meta, config, (q.dtype, _bucket(Lc + Ls), *meta.values()))
-    else:
-        triton_utils.launch(_attention_bwd_kernel,
-                            lambda m: (max(triton.cdiv(Lc + Ls, m["BLOCK_N"]), triton.cdiv(Lq, m["BLOCK_M"])), B * H),
-                            (*args, _bucket(Lq), _bucket(Lc + Ls), *strides), meta, config,
-                            (q.dtype, _bucket(Lq), _bucket(Lc + Ls), *meta.values()))
+    # Head dims below 64 run padded to 64, so that dQ^T = K^T dS^T (M = the head dim) fills a wgmma.
+    meta = _triton_meta(q, min_block_d=64)
+    delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    _attention_bwd_delta_kernel[(triton.cdiv(Lq, DELTA_BLOCK_M), B * H)](
+        out, grad_out, delta, H, Lq, D, *_bhl_strides(out, grad_out), BLOCK_M=DELTA_BLOCK_M,
+        BLOCK_D=meta["BLOCK_D"], EVEN_D=meta["EVEN_D"])
+    dq = grads[0]
+    scratch = dq if dq.dtype == torch.float32 else torch.empty(dq.shape, dtype=torch.float32, device=dq.device)
+    buckets = _bucket(Lq), _bucket(Lc + Ls)
+    args = (q, k_ctx, v_ctx, k_self, v_self, grad_out, lse, delta, dq, scratch, *grads[1:], H, Lq, Lc, Ls, D,
+            scale * LOG2E, scale, *buckets,
+            *_bhl_strides(q, k_ctx, v_ctx, k_self, v_self, grad_out, dq, scratch, *grads[1:]))
+    if passes is None:
+        passes = BACKWARD_PASSES[triton_utils.target_family(triton_utils.capability([q])), meta["BLOCK_D"]]
+    for products in passes:
+        pass_meta = dict(meta, DV="dV" in products, DK="dK" in products, DQ="dQ" in products)
+        triton_utils.launch(_attention_bwd_kernel, lambda m: (B * H,), args, pass_meta, config,
+                            (q.dtype, *buckets, *pass_meta.values()))
     return tuple(grads)
 
 
@@ -490,8 +541,12 @@ def _kernel_why_not(*tensors, max_d, dtypes, what):
     return reasons
 
 
-# CUDA (csrc/cuda/asymmetric_attention.cu): forward only, tensor-core (wmma) tiles for fp16 and bf16 on
-# sm_80 and newer, a warp-per-row path for fp32 and older GPUs. Its backward is the Triton one.
+# CUDA (csrc/cuda/asymmetric_attention.cu, kernels in csrc/cuda/attention_kernels.cuh): forward only.
+# fp16 and bf16 on sm_80 and newer (Hopper included) run FlashAttention-2 style tiles on mma.sync
+# m16n8k16 with a cp.async pipeline whose 16-, 8- or 4-byte copies and column shifts take the model's
+# strided views as they are (ENAT-S's head dim 61 included); fp32 and older GPUs a warp-per-row kernel.
+# The output is (B, H, Lq, D) laid out (B, Lq, H, D), as _new_out makes it. Its backward is the Triton
+# one. Resources per kernel and architecture: scripts/cuda_resources.py (docs/OPS.md).
 
 CUDA_DTYPES = TRITON_DTYPES
 CUDA_MAX_D = 128
@@ -515,13 +570,7 @@ def _triton_backward_why_not(grad_out, q, k_ctx, v_ctx, k_self, v_self, out, lse
 
 # Dispatch, registration, autograd.
 
-# Order on CUDA tensors. The rule is to take the faster of the CUDA and Triton forwards per dtype and
-# architecture, as benchmarks/bench_attention.py measures them (scripts/gpu_check.sh). No GPU
-# measurement exists yet, so Triton, whose forward and backward every test run checks against the
-# oracle, goes first; the CUDA forward serves when forced.
-FORWARD_ORDER = ("triton", "cuda", "reference")
-
-FORWARD = Dispatcher("asymmetric_attention", order=FORWARD_ORDER)
+FORWARD = Dispatcher("asymmetric_attention")
 FORWARD.register("reference", asymmetric_attention_reference)
 FORWARD.register("triton", asymmetric_attention_triton, _triton_forward_why_not)
 FORWARD.register("cuda", asymmetric_attention_cuda, _cuda_forward_why_not)
@@ -540,7 +589,7 @@ def _backward_router(grad_out, q, k_ctx, v_ctx, k_self, v_self, out, lse, scale,
 
 
 def _forward_fake(q, k_ctx, v_ctx, k_self, v_self, scale, backend=None):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+    return _new_out(q), q.new_empty(
         q.shape[:3], dtype=_accumulator_dtype(q.dtype)
     )
 
@@ -607,27 +656,12 @@ def asymmetric_attention(q, k_ctx, v_ctx, k_self, v_self, scale=None, *, return_
     scale defaults to D**-0.5. Returns out (B, H, Lq, D) in the input dtype, and with return_lse also
     the log-sum-exp (B, H, Lq) in fp32 (fp64 for fp64 inputs).
     """
-    # Validation and backend choice depend only on the signature of the call: a call like an earlier
-    # valid one reuses its plan.
-    key = signature(q, k_ctx, v_ctx, k_self, v_self, scale, backend, os.environ.get(ENV_BACKEND),
-                    _library.EXTENSION_LOADED, triton_utils.INTERPRET)
-    plan = _PLANS.get(key) if key is not None else None
-    if plan is None:
-        plan = _plan(q, k_ctx, v_ctx, k_self, v_self, scale, backend)
-        if key is not None:
-            if len(_PLANS) >= CACHE_LIMIT:
-                _PLANS.clear()
-            _PLANS[key] = plan
-    chosen, scale = plan
-    out, lse = torch.ops.enat.asymmetric_attention(q, k_ctx, v_ctx, k_self, v_self, scale, chosen)
+    out, lse = _ATTENTION(q, k_ctx, v_ctx, k_self, v_self, scale, backend=backend)
     return (out, lse) if return_lse else out
 
 
-_PLANS = {}  # signature of a valid call -> (backend, scale)
-
-
-def _plan(q, k_ctx, v_ctx, k_self, v_self, scale, backend):
-    """Check the arguments (errors name them) and pick the backend: (backend, scale as a float)."""
+def _check(q, k_ctx, v_ctx, k_self, v_self, scale):
+    """Check the arguments (errors name them); returns them with scale as a float."""
     tensors = dict(q=q, k_ctx=k_ctx, v_ctx=v_ctx, k_self=k_self, v_self=v_self)
     for name, layout in (("q", "B H Lq D"), ("k_ctx", "B H Lc D"), ("v_ctx", "B H Lc D")):
         _checks.tensor(name, tensors[name], layout)
@@ -652,5 +686,7 @@ def _plan(q, k_ctx, v_ctx, k_self, v_self, scale, backend):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     elif not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
-    scale = float(scale)
-    return FORWARD.select(backend, q.device, q, k_ctx, v_ctx, k_self, v_self, scale), scale
+    return q, k_ctx, v_ctx, k_self, v_self, float(scale)
+
+
+_ATTENTION = Entry(FORWARD, _check)

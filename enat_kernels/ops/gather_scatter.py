@@ -20,7 +20,7 @@ import torch
 
 from .. import triton_utils
 from .._library import define, register_cuda_fake
-from ..backends import Dispatcher
+from ..backends import Dispatcher, Entry
 from . import _checks
 
 triton, tl = triton_utils.triton, triton_utils.tl
@@ -217,58 +217,58 @@ def cuda_why_not(**tensors):
 
 # Dispatch, registration, autograd.
 
-GATHER = Dispatcher("gather_tokens")
+def _index_values(x, index, *rest):
+    """Value check of the (x, index, ...) ops: index holds ascending positions in [0, x.shape[1])."""
+    _checks.index_values("index", index, x.shape[1])
+
+
+GATHER = Dispatcher("gather_tokens", values=_index_values)
 GATHER.register("reference", gather_tokens_reference)
 GATHER.register("triton", gather_tokens_triton, lambda x, index: triton_why_not(x=x))
 GATHER.register("cuda", lambda x, index: torch.ops.enat.gather_tokens_cuda(x, index), lambda x, index: cuda_why_not(x=x))
 
-SCATTER = Dispatcher("scatter_tokens")
+SCATTER = Dispatcher("scatter_tokens", values=_index_values)
 SCATTER.register("reference", scatter_tokens_reference)
 SCATTER.register("triton", scatter_tokens_triton, lambda base, index, src: triton_why_not(base=base, src=src))
 SCATTER.register("cuda", lambda base, index, src: torch.ops.enat.scatter_tokens_cuda(base, index, src),
                  lambda base, index, src: cuda_why_not(base=base, src=src))
 
-SCATTER_ = Dispatcher("scatter_tokens_")
+SCATTER_ = Dispatcher("scatter_tokens_", values=_index_values)
 SCATTER_.register("reference", scatter_tokens_inplace_reference)
 SCATTER_.register("triton", scatter_tokens_inplace_triton, lambda base, index, src: triton_why_not(base=base, src=src))
 SCATTER_.register("cuda", lambda base, index, src: torch.ops.enat.scatter_tokens_inplace_cuda(base, index, src),
                   lambda base, index, src: cuda_why_not(base=base, src=src))
 
 # The two backward-only ops: gather's gradient (scatter into zeros) and scatter's base gradient.
-SCATTER_ZEROS = Dispatcher("scatter_into_zeros")
+SCATTER_ZEROS = Dispatcher("scatter_into_zeros", values=lambda index, src, L: _checks.index_values("index", index, L))
 SCATTER_ZEROS.register("reference", scatter_into_zeros_reference)
 SCATTER_ZEROS.register("triton", scatter_into_zeros_triton, lambda index, src, L: triton_why_not(src=src))
 SCATTER_ZEROS.register("cuda", lambda index, src, L: torch.ops.enat.scatter_into_zeros_cuda(index, src, L),
                        lambda index, src, L: cuda_why_not(src=src))
 
-ZERO_ROWS = Dispatcher("zero_rows")
+ZERO_ROWS = Dispatcher("zero_rows", values=_index_values)
 ZERO_ROWS.register("reference", zero_rows_reference)
 ZERO_ROWS.register("triton", zero_rows_triton, lambda x, index: triton_why_not(x=x))
 ZERO_ROWS.register("cuda", lambda x, index: torch.ops.enat.zero_rows_cuda(x, index), lambda x, index: cuda_why_not(x=x))
 
 
 def _gather_router(x, index, backend):
-    _checks.index_values("index", index, x.shape[1])
     return GATHER.run(backend, x.device, x, index)
 
 
 def _scatter_router(base, index, src, backend):
-    _checks.index_values("index", index, base.shape[1])
     return SCATTER.run(backend, base.device, base, index, src)
 
 
 def _scatter_inplace_router(base, index, src, backend):
-    _checks.index_values("index", index, base.shape[1])
     SCATTER_.run(backend, base.device, base, index, src)
 
 
 def _scatter_zeros_router(index, src, L, backend):
-    _checks.index_values("index", index, L)
     return SCATTER_ZEROS.run(backend, src.device, index, src, L)
 
 
 def _zero_rows_router(x, index, backend):
-    _checks.index_values("index", index, x.shape[1])
     return ZERO_ROWS.run(backend, x.device, x, index)
 
 
@@ -312,11 +312,6 @@ def call_gather(x, index, backend=None, preferred=None):
     return torch.ops.enat.gather_tokens(x, index, chosen)
 
 
-def _call_scatter(base, index, src, backend=None):
-    chosen = SCATTER.select(backend, base.device, base, index, src)
-    return torch.ops.enat.scatter_tokens(base, index, src, chosen)
-
-
 def _gather_setup(ctx, inputs, output):
     x, index, backend = inputs
     ctx.save_for_backward(index)
@@ -354,6 +349,12 @@ torch.library.register_autograd("enat::scatter_tokens", _scatter_backward, setup
 # Public API.
 
 
+def _check_gather(x, index):
+    _checks.tensor("x", x, "B L D")
+    _checks.index("index", index, "x", x)
+    return x, index
+
+
 def _check_scatter(base, index, src):
     _checks.tensor("base", base, "B L D")
     _checks.index("index", index, "base", base)
@@ -363,19 +364,29 @@ def _check_scatter(base, index, src):
     _checks.size_equal("src", src, 0, "base", base, 0)
     _checks.size_equal("src", src, 1, "index", index, 1)
     _checks.size_equal("src", src, 2, "base", base, 2)
+    return base, index, src
+
+
+def _check_scatter_inplace(base, index, src):
+    _check_scatter(base, index, src)
+    if any(stride == 0 and size > 1 for stride, size in zip(base.stride(), base.shape)):
+        raise ValueError(f"base must not be an expanded view (strides {base.stride()}): rows would alias ({_checks.describe(base)})")
+    return base, index, src
+
+
+_GATHER = Entry(GATHER, _check_gather)
+_SCATTER = Entry(SCATTER, _check_scatter)
+_SCATTER_ = Entry(SCATTER_, _check_scatter_inplace)
 
 
 def gather_tokens(x, index, *, backend=None):
     """Rows of x at index: x (B, L, D), index (B, n) int64 ascending positions -> (B, n, D)."""
-    _checks.tensor("x", x, "B L D")
-    _checks.index("index", index, "x", x)
-    return call_gather(x, index, backend)
+    return _GATHER(x, index, backend=backend)
 
 
 def scatter_tokens(base, index, src, *, backend=None):
     """Copy of base (B, L, D) with the rows at index (B, n) replaced by src (B, n, D)."""
-    _check_scatter(base, index, src)
-    return _call_scatter(base, index, src, backend)
+    return _SCATTER(base, index, src, backend=backend)
 
 
 def scatter_tokens_(base, index, src, *, backend=None):
@@ -383,11 +394,7 @@ def scatter_tokens_(base, index, src, *, backend=None):
 
     Not differentiable (use scatter_tokens under autograd).
     """
-    _check_scatter(base, index, src)
-    if any(stride == 0 and size > 1 for stride, size in zip(base.stride(), base.shape)):
-        raise ValueError(f"base must not be an expanded view (strides {base.stride()}): rows would alias ({_checks.describe(base)})")
-    if torch.is_grad_enabled() and (base.requires_grad or src.requires_grad):
+    if torch.is_grad_enabled() and (getattr(base, "requires_grad", False) or getattr(src, "requires_grad", False)):
         raise ValueError("scatter_tokens_ is not differentiable (base or src requires grad); use scatter_tokens")
-    chosen = SCATTER_.select(backend, base.device, base, index, src)
-    torch.ops.enat.scatter_tokens_(base, index, src, chosen)
+    _SCATTER_(base, index, src, backend=backend)
     return base

@@ -9,7 +9,7 @@ import torch
 
 from .. import triton_utils
 from .._library import define, register_cuda_fake
-from ..backends import Dispatcher
+from ..backends import Dispatcher, Entry
 from . import _checks
 
 triton, tl = triton_utils.triton, triton_utils.tl
@@ -21,24 +21,31 @@ def mask_to_index_reference(mask, count):
     return order[:, :count].contiguous()
 
 
-# Triton: one program per row; the rank of each True entry is a prefix sum over the row, and the
-# entry is written to that slot. Slots past the row's True count (a broken precondition) get L.
+# Triton: one program per row; the rank of each True entry is a running prefix sum over the row, taken
+# MASK_CHUNK positions at a time (so that the registers do not grow with L), and the entry is written to
+# that slot. Slots past the row's True count (a broken precondition) get L.
 
 TRITON_MAX_L = 1 << 16
+MASK_CHUNK = 2048
 
 if triton is not None:
 
     @triton.jit
     def _mask_to_index_kernel(mask_ptr, out_ptr, L, count, sm_b, sm_l, so_b, BLOCK_L: tl.constexpr):
+        CHUNK: tl.constexpr = BLOCK_L if BLOCK_L < MASK_CHUNK else MASK_CHUNK
         b = tl.program_id(0).to(tl.int64)
-        pos = tl.arange(0, BLOCK_L)
-        ok = pos < L
-        m = tl.load(mask_ptr + b * sm_b + pos.to(tl.int64) * sm_l, mask=ok, other=0).to(tl.int32)
-        rank = tl.cumsum(m, 0) - 1
         out_row = out_ptr + b * so_b
-        tl.store(out_row + rank, pos.to(tl.int64), mask=ok & (m > 0) & (rank < count))
-        total = tl.sum(m, 0)
-        tl.store(out_row + pos, tl.zeros([BLOCK_L], tl.int64) + L, mask=(pos >= total) & (pos < count))
+        total = 0
+        for start in range(0, L, CHUNK):
+            pos = start + tl.arange(0, CHUNK)
+            ok = pos < L
+            m = tl.load(mask_ptr + b * sm_b + pos.to(tl.int64) * sm_l, mask=ok, other=0).to(tl.int32)
+            rank = total + tl.cumsum(m, 0) - 1
+            tl.store(out_row + rank, pos.to(tl.int64), mask=ok & (m > 0) & (rank < count))
+            total += tl.sum(m, 0)
+        for start in range(total, count, CHUNK):
+            slot = start + tl.arange(0, CHUNK)
+            tl.store(out_row + slot, tl.zeros([CHUNK], tl.int64) + L, mask=slot < count)
 
 
 def mask_to_index_triton(mask, count):
@@ -57,14 +64,13 @@ def _triton_why_not(mask, count):
     return [f"rows of {L} positions are above the Triton kernel's {TRITON_MAX_L}"] if L > TRITON_MAX_L else []
 
 
-MASK_TO_INDEX = Dispatcher("mask_to_index")
+MASK_TO_INDEX = Dispatcher("mask_to_index", values=lambda mask, count: _checks.mask_counts("mask", mask, "count", count))
 MASK_TO_INDEX.register("reference", mask_to_index_reference)
 MASK_TO_INDEX.register("triton", mask_to_index_triton, _triton_why_not)
 MASK_TO_INDEX.register("cuda", lambda mask, count: torch.ops.enat.mask_to_index_cuda(mask, count))
 
 
 def _router(mask, count, backend):
-    _checks.mask_counts("mask", mask, "count", count)
     return MASK_TO_INDEX.run(backend, mask.device, mask, count)
 
 
@@ -81,10 +87,16 @@ def mask_to_index(mask, count=None, *, backend=None):
 
     count: True entries per row. Give it to avoid a host sync (and under torch.compile).
     """
-    _checks.mask("mask", mask)
     if count is None:
+        _checks.mask("mask", mask)
         count = _checks.uniform_row_count("mask", mask)
-    else:
-        _checks.count("count", count, mask.shape[1], "L = mask.shape[1]")
-    chosen = MASK_TO_INDEX.select(backend, mask.device, mask, count)
-    return torch.ops.enat.mask_to_index(mask, count, chosen)
+    return _MASK_TO_INDEX(mask, count, backend=backend)
+
+
+def _check(mask, count):
+    _checks.mask("mask", mask)
+    _checks.count("count", count, mask.shape[1], "L = mask.shape[1]")
+    return mask, count
+
+
+_MASK_TO_INDEX = Entry(MASK_TO_INDEX, _check)

@@ -16,7 +16,7 @@ import torch
 
 from .. import triton_utils
 from .._library import define, register_cuda_fake
-from ..backends import Dispatcher
+from ..backends import Dispatcher, Entry
 from . import _checks
 from .gather_scatter import cuda_why_not, triton_why_not
 
@@ -145,13 +145,13 @@ def merge_cache_backward_triton(grad, fresh_index, cached_index, *, config=None)
 
 # Dispatch, registration, autograd.
 
-MERGE = Dispatcher("merge_cache")
+MERGE = Dispatcher("merge_cache", values=lambda fresh, fi, cached, ci: _check_values(fi, ci))
 MERGE.register("reference", merge_cache_reference)
 MERGE.register("triton", merge_cache_triton, lambda fresh, fi, cached, ci: triton_why_not(fresh=fresh, cached=cached))
 MERGE.register("cuda", lambda *a: torch.ops.enat.merge_cache_cuda(*a),
                lambda fresh, fi, cached, ci: cuda_why_not(fresh=fresh, cached=cached))
 
-MERGE_BACKWARD = Dispatcher("merge_cache_backward")
+MERGE_BACKWARD = Dispatcher("merge_cache_backward", values=lambda grad, fi, ci: _check_values(fi, ci))
 MERGE_BACKWARD.register("reference", merge_cache_backward_reference)
 MERGE_BACKWARD.register("triton", merge_cache_backward_triton, lambda grad, fi, ci: triton_why_not(grad=grad))
 MERGE_BACKWARD.register("cuda", lambda *a: torch.ops.enat.merge_cache_backward_cuda(*a),
@@ -171,12 +171,10 @@ def _check_values(fresh_index, cached_index):
 
 
 def _router(fresh, fresh_index, cached, cached_index, backend):
-    _check_values(fresh_index, cached_index)
     return MERGE.run(backend, fresh.device, fresh, fresh_index, cached, cached_index)
 
 
 def _backward_router(grad, fresh_index, cached_index, backend):
-    _check_values(fresh_index, cached_index)
     return MERGE_BACKWARD.run(backend, grad.device, grad, fresh_index, cached_index)
 
 
@@ -217,6 +215,10 @@ torch.library.register_autograd("enat::merge_cache", _backward, setup_context=_s
 def merge_cache(fresh, fresh_index, cached, cached_index, *, backend=None):
     """Union of fresh (B, nf, D) at fresh_index (B, nf) and cached (B, nc, D) at cached_index (B, nc),
     ordered by ascending position -> (B, nf + nc, D). Either side may be empty."""
+    return _MERGE(fresh, fresh_index, cached, cached_index, backend=backend)
+
+
+def _check(fresh, fresh_index, cached, cached_index):
     _checks.tensor("fresh", fresh, "B nf D")
     _checks.tensor("cached", cached, "B nc D")
     _checks.index("fresh_index", fresh_index, "fresh", fresh)
@@ -227,5 +229,7 @@ def merge_cache(fresh, fresh_index, cached, cached_index, *, backend=None):
     _checks.size_equal("cached_index", cached_index, 1, "cached", cached, 1)
     _checks.size_equal("cached", cached, 0, "fresh", fresh, 0)
     _checks.size_equal("cached", cached, 2, "fresh", fresh, 2)
-    chosen = MERGE.select(backend, fresh.device, fresh, fresh_index, cached, cached_index)
-    return torch.ops.enat.merge_cache(fresh, fresh_index, cached, cached_index, chosen)
+    return fresh, fresh_index, cached, cached_index
+
+
+_MERGE = Entry(MERGE, _check)

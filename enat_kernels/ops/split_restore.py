@@ -9,7 +9,7 @@ import torch
 
 from .. import triton_utils
 from .._library import define, register_cuda_fake
-from ..backends import Dispatcher
+from ..backends import Dispatcher, Entry
 from . import _checks
 from .gather_scatter import _rows, cuda_why_not, gather_tokens_reference, triton_why_not
 from .mask_to_index import TRITON_MAX_L, mask_to_index_reference
@@ -121,12 +121,13 @@ def _row_limit(mask):
     return [f"rows of {L} positions are above the Triton kernel's {TRITON_MAX_L}"] if L > TRITON_MAX_L else []
 
 
-SPLIT = Dispatcher("split_tokens")
+SPLIT = Dispatcher("split_tokens", values=lambda x, mask, n: _checks.mask_counts("mask", mask, "n_masked", n))
 SPLIT.register("reference", split_tokens_reference)
 SPLIT.register("triton", split_tokens_triton, lambda x, mask, n: triton_why_not(x=x) + _row_limit(mask))
 SPLIT.register("cuda", lambda *a: torch.ops.enat.split_tokens_cuda(*a), lambda x, mask, n: cuda_why_not(x=x))
 
-RESTORE = Dispatcher("restore_tokens")
+RESTORE = Dispatcher("restore_tokens", values=lambda visible, masked, mask: _checks.mask_counts(
+    "mask", mask, "masked.shape[1]", masked.shape[1]))
 RESTORE.register("reference", restore_tokens_reference)
 RESTORE.register("triton", restore_tokens_triton,
                  lambda visible, masked, mask: triton_why_not(visible=visible, masked=masked) + _row_limit(mask))
@@ -135,12 +136,10 @@ RESTORE.register("cuda", lambda *a: torch.ops.enat.restore_tokens_cuda(*a),
 
 
 def _split_router(x, mask, n_masked, backend):
-    _checks.mask_counts("mask", mask, "n_masked", n_masked)
     return SPLIT.run(backend, x.device, x, mask, n_masked)
 
 
 def _restore_router(visible, masked, mask, backend):
-    _checks.mask_counts("mask", mask, "masked.shape[1]", masked.shape[1])
     return RESTORE.run(backend, visible.device, visible, masked, mask)
 
 
@@ -204,17 +203,25 @@ def split_tokens(x, mask, n_masked=None, *, backend=None):
 
     Rows keep ascending position order. n_masked: True entries per row; give it to avoid a host sync.
     """
-    _checks.tensor("x", x, "B L D")
-    _checks.mask("mask", mask, "x", x)
     if n_masked is None:
+        _checks.mask("mask", mask)
         n_masked = _checks.uniform_row_count("mask", mask)
-    else:
-        _checks.count("n_masked", n_masked, mask.shape[1], "L = mask.shape[1]")
-    return _call_split(x, mask, n_masked, backend)
+    return _SPLIT(x, mask, n_masked, backend=backend)
 
 
 def restore_tokens(visible, masked, mask, *, backend=None):
     """Inverse of split_tokens: visible (B, L-n, D) and masked (B, n, D) back into (B, L, D) by mask (B, L)."""
+    return _RESTORE(visible, masked, mask, backend=backend)
+
+
+def _check_split(x, mask, n_masked):
+    _checks.tensor("x", x, "B L D")
+    _checks.mask("mask", mask, "x", x)
+    _checks.count("n_masked", n_masked, mask.shape[1], "L = mask.shape[1]")
+    return x, mask, n_masked
+
+
+def _check_restore(visible, masked, mask):
     _checks.tensor("visible", visible, "B L-n D")
     _checks.tensor("masked", masked, "B n D")
     _checks.tensor("mask", mask, "B L")
@@ -229,4 +236,8 @@ def restore_tokens(visible, masked, mask, *, backend=None):
             "visible.shape[1] + masked.shape[1] must equal mask.shape[1] (L); got "
             f"visible: {_checks.describe(visible)}, masked: {_checks.describe(masked)}, mask: {_checks.describe(mask)}"
         )
-    return _call_restore(visible, masked, mask, backend)
+    return visible, masked, mask
+
+
+_SPLIT = Entry(SPLIT, _check_split)
+_RESTORE = Entry(RESTORE, _check_restore)
