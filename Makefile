@@ -19,7 +19,7 @@ $(VENV)/.ready: $(BUILD_INPUTS)
 	$(PY) -m pip install -q "$(TORCH)" numpy tqdm Pillow pytest pytest-benchmark ninja einops setuptools wheel \
 		pytorch-fid scipy
 	$(PY) -m pip install -q --no-build-isolation -e .
-	$(PY) -c "import enat_kernels as e; print('enat_kernels: CUDA extension', 'built' if e.EXTENSION_LOADED else 'not available: ' + e.EXTENSION_ERROR)"
+	$(PY) -c "import enat_kernels as e; print('enat_kernels: CUDA extension', 'built' if e.EXTENSION_LOADED else 'not available: ' + e.EXTENSION_ERROR); print('enat_kernels: CPU kernels', 'built' if e.CPU_KERNELS_LOADED else 'not available: ' + e.CPU_KERNELS_ERROR)"
 	touch $@
 
 setup: $(VENV)/.ready

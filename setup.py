@@ -1,11 +1,13 @@
-"""Build enat_kernels: the Python packages, plus the CUDA extension enat_kernels._C when possible.
+"""Build enat_kernels: the Python packages, the CPU kernels enat_kernels._cpu (csrc/cpu) and, when
+possible, the CUDA extension enat_kernels._C (the rest of csrc/).
 
     pip install --no-build-isolation -e .
 
-The extension is built when torch is a CUDA build and nvcc is found (CUDA_HOME, nvcc on PATH, or
-/usr/local/cuda). Environment switches:
+The CPU kernels are built wherever torch and a C++ compiler are; the CUDA extension when torch is a
+CUDA build and nvcc is found (CUDA_HOME, nvcc on PATH, or /usr/local/cuda). Environment switches:
 
-    ENAT_KERNELS_BUILD_CUDA=0   never build the extension (pure-Python install)
+    ENAT_KERNELS_BUILD_CPU=0    do not build the CPU kernels (=1: build them or fail with the reason)
+    ENAT_KERNELS_BUILD_CUDA=0   never build the CUDA extension
     ENAT_KERNELS_BUILD_CUDA=1   build it or fail with the reason
     TORCH_CUDA_ARCH_LIST        GPU architectures to compile for (default "8.0;9.0")
     MAX_JOBS                    parallel compile jobs (default: bounded by cores and memory)
@@ -91,17 +93,38 @@ def _set_host_compiler():
     return path
 
 
-def _extension_kwargs():
+def _cpu_extension():
+    """The CPU kernels' extension, or None (with the reason printed)."""
+    switch = os.environ.get("ENAT_KERNELS_BUILD_CPU", "").strip()
+    if switch not in ("", "0", "1"):
+        raise SystemExit(f"ENAT_KERNELS_BUILD_CPU must be 0, 1 or unset, got {switch!r}")
+    try:
+        from torch.utils.cpp_extension import CppExtension
+    except ImportError:
+        reason = "torch is not installed (install it first and use --no-build-isolation)"
+    else:
+        host = _set_host_compiler()
+        if switch != "0" and shutil.which(host):
+            return CppExtension(name="enat_kernels._cpu", sources=["csrc/cpu/kernels.cpp"],
+                                extra_compile_args=["-O3", *HIDDEN])
+        reason = "ENAT_KERNELS_BUILD_CPU=0" if switch == "0" else f"no C++ compiler ({host})"
+    if switch == "1":
+        raise SystemExit(f"ENAT_KERNELS_BUILD_CPU=1 but the CPU kernels cannot be built: {reason}")
+    print(f"enat_kernels: CPU kernels skipped ({reason})")
+    return None
+
+
+def _cuda_extension():
+    """The CUDA extension, or None (with the reason printed)."""
     build, reason = _cuda_build_plan()
     if not build:
-        print(f"enat_kernels: CUDA backend skipped ({reason}); installing the reference and Triton backends only")
-        return {}
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+        print(f"enat_kernels: CUDA backend skipped ({reason})")
+        return None
+    from torch.utils.cpp_extension import CUDAExtension
 
     host = _set_host_compiler()
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
-    os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp"))
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp") if "cpu" not in p.parts)
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
     ext = CUDAExtension(
         name="enat_kernels._C",
@@ -117,9 +140,21 @@ def _extension_kwargs():
     )
     print(
         f"enat_kernels: building the CUDA backend for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
-        f"with MAX_JOBS={os.environ['MAX_JOBS']} (CUDA_HOME={os.environ['CUDA_HOME']}, host compiler {host})"
+        f"(CUDA_HOME={os.environ['CUDA_HOME']}, host compiler {host})"
     )
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+    return ext
+
+
+def _extension_kwargs():
+    cuda = _cuda_extension()  # first: it sets CUDA_HOME, which torch.utils.cpp_extension reads on import
+    extensions = [e for e in (_cpu_extension(), cuda) if e is not None]
+    if not extensions:
+        return {}
+    from torch.utils.cpp_extension import BuildExtension
+
+    os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
+    print(f"enat_kernels: building {', '.join(e.name for e in extensions)} with MAX_JOBS={os.environ['MAX_JOBS']}")
+    return {"ext_modules": extensions, "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 
 
 setup(

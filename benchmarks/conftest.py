@@ -23,7 +23,8 @@ def pytest_report_header(config):
     env = environment()
     return [f"benchmarks on {env['device']}: torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
             f"triton {env['triton']}, enat_kernels {env['enat_kernels']} "
-            f"(CUDA extension {'loaded' if env['cuda_extension'] else 'absent'}); time: {env['gpu_timer']}"]
+            f"(CUDA extension {'loaded' if env['cuda_extension'] else 'absent'}, CPU kernels "
+            f"{'loaded' if env['cpu_kernels'] else 'absent'}); time: {env['gpu_timer']}"]
 
 
 def _format_time(seconds):

@@ -71,6 +71,7 @@ def environment():
         "python": platform.python_version(),
         "enat_kernels": enat_kernels.__version__,
         "cuda_extension": enat_kernels.EXTENSION_LOADED,
+        "cpu_kernels": enat_kernels.CPU_KERNELS_LOADED,
         "gpu_timer": timer,
     }
 

@@ -174,7 +174,8 @@ def summarize(records, write=print):
     env = records[0]
     write(f"{env['device']}: torch {env['torch']}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, "
           f"triton {env['triton']}, python {env.get('python')}, enat_kernels {env['enat_kernels']} "
-          f"(CUDA extension {'loaded' if env.get('cuda_extension') else 'absent'})")
+          f"(CUDA extension {'loaded' if env.get('cuda_extension') else 'absent'}, "
+          f"CPU kernels {'loaded' if env.get('cpu_kernels') else 'absent'})")
     on_gpu = any(_gpu(r) for r in records)
     write("times in us; " + ("GPU time: " + env.get("gpu_timer", "?") if on_gpu else
                              "CPU: wall-clock time is the only time (GPU targets not checked)")

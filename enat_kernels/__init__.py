@@ -1,4 +1,4 @@
-"""Triton and CUDA kernels for ENAT-style non-autoregressive image generators.
+"""Triton, CUDA and C++ CPU kernels for ENAT-style non-autoregressive image generators.
 
     import enat_kernels.ops as K
     out = K.asymmetric_attention(q, k_ctx, v_ctx, k_self, v_self)
@@ -8,10 +8,13 @@ enat_kernels.explain(op, *args) tells which one a call would take, and why not t
 """
 
 from . import ops
+from ._library import CPU_ERROR as CPU_KERNELS_ERROR
 from ._library import EXTENSION_ERROR, EXTENSION_LOADED
 from .backends import BACKENDS, BackendUnavailableError, Explanation, FallbackWarning, clear_caches, explain
 
 __version__ = "0.1.0"
+CPU_KERNELS_LOADED = CPU_KERNELS_ERROR is None  # the cpu backend's C++ kernels (enat_kernels._cpu)
 
-__all__ = ["ops", "BACKENDS", "BackendUnavailableError", "EXTENSION_LOADED", "EXTENSION_ERROR", "Explanation",
+__all__ = ["ops", "BACKENDS", "BackendUnavailableError", "EXTENSION_LOADED", "EXTENSION_ERROR", "CPU_KERNELS_LOADED",
+           "CPU_KERNELS_ERROR", "Explanation",
            "FallbackWarning", "clear_caches", "explain", "__version__"]

@@ -4,8 +4,11 @@ Each public op is defined once, in Python, by its module in enat_kernels/ops: `d
 schema, its router (the CPU and CUDA kernel, which runs the backend the caller chose) and its fake
 kernel; autograd and the backends' implementations sit beside them. The compiled extension
 enat_kernels._C (csrc/) adds to the same namespace only the `*_cuda` kernel ops it implements, whose
-fake kernels are registered here with `register_cuda_fake`.
+fake kernels are registered here with `register_cuda_fake`. The CPU kernels (csrc/cpu) are a plain
+Python module, enat_kernels._cpu, which the "cpu" backend calls directly (`CPU`, None when absent).
 """
+
+import importlib
 
 import torch
 
@@ -19,6 +22,16 @@ def _load_extension():
 
 
 EXTENSION_LOADED, EXTENSION_ERROR = _load_extension()
+
+
+def _load_cpu_kernels():
+    try:
+        return importlib.import_module("enat_kernels._cpu"), None
+    except ImportError as e:
+        return None, f"the CPU kernels enat_kernels._cpu are not built or do not load ({e}): pip install -e . with a C++ compiler"
+
+
+CPU, CPU_ERROR = _load_cpu_kernels()
 
 LIB = torch.library.Library("enat", "FRAGMENT")
 

@@ -68,12 +68,28 @@ class Cuda(Backend):
         return reasons
 
 
+class Cpu(Backend):
+    """The C++ CPU kernels of enat_kernels._cpu (csrc/cpu): CPU tensors, module built. Forward kernels
+    for the sizes where a CPU call is bound by host time; gradients run on the reference."""
+
+    name = "cpu"
+
+    def device_reasons(self, device, forced):
+        reasons = []
+        if device.type != "cpu":
+            reasons.append(f"the cpu backend runs on CPU tensors, these are on {device.type}")
+        if _library.CPU is None:
+            reasons.append(_library.CPU_ERROR)
+        return reasons
+
+
 # Default order of preference, for every op. Triton comes first: its forward and backward kernels are
 # the ones every CPU test run checks against the fp64 oracles (in Triton's interpreter), and they
 # compile for sm_80 and sm_90 in CI; the CUDA kernels compile in CI but no GPU run has yet shown them
-# correct and faster at the model's shapes (scripts/gpu_check.sh measures both side by side). The
-# reference serves what no kernel takes.
-REGISTRY = {b.name: b for b in (Triton(), Cuda(), Reference())}
+# correct and faster at the model's shapes (scripts/gpu_check.sh measures both side by side). On CPU
+# tensors the C++ kernels come before the reference wherever they take the inputs (their limits say
+# where they are faster). The reference serves what no kernel takes.
+REGISTRY = {b.name: b for b in (Triton(), Cuda(), Cpu(), Reference())}
 BACKENDS = tuple(REGISTRY)  # the backend names, in the default order of preference
 ORDER = BACKENDS
 ENV_BACKEND = "ENAT_KERNELS_BACKEND"
@@ -145,7 +161,8 @@ def _put(cache, key, value):
 def _state():
     """What a backend choice depends on besides the call: the environment's request and what this
     process can run (the extension, Triton, Triton's interpreter)."""
-    return os.environ.get(ENV_BACKEND), _library.EXTENSION_LOADED, triton_utils.triton, triton_utils.INTERPRET
+    return (os.environ.get(ENV_BACKEND), _library.EXTENSION_LOADED, _library.CPU, triton_utils.triton,
+            triton_utils.INTERPRET)
 
 
 def signature(*args):
@@ -307,8 +324,8 @@ class Entry:
         ENTRIES[dispatcher.op] = self
 
     def __call__(self, *args, backend=None):
-        key = (signature(*args), backend, os.environ.get(ENV_BACKEND), _library.EXTENSION_LOADED, triton_utils.triton,
-               triton_utils.INTERPRET)  # as _state(), inline: this is every call's path
+        key = (signature(*args), backend, os.environ.get(ENV_BACKEND), _library.EXTENSION_LOADED, _library.CPU,
+               triton_utils.triton, triton_utils.INTERPRET)  # as _state(), inline: this is every call's path
         plan = _get(self._plans, key)
         if plan is None:
             plan = _put(self._plans, key, self._plan(args, backend))

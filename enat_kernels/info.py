@@ -269,7 +269,7 @@ def triton_mode():
 
 
 def versions():
-    """[(what, version)] of Python, the libraries and the extension."""
+    """[(what, version)] of Python, the libraries and the extensions."""
     triton = triton_utils.triton
     build = extension_build()
     rows = [
@@ -278,6 +278,8 @@ def versions():
         ("torch", f"{torch.__version__} (CUDA runtime {torch.version.cuda or 'none: CPU-only build'})"),
         ("triton", triton.__version__ if triton is not None else "not installed"),
         ("numpy", numpy.__version__),
+        ("enat_kernels._cpu", f"loaded from {_library.CPU.__file__}" if _library.CPU is not None
+         else f"not loaded: {_library.CPU_ERROR}"),
     ]
     if "error" in build:
         return rows + [("enat_kernels._C", f"not loaded: {build['error']}")]
@@ -371,9 +373,11 @@ def report(out=None):
 # The check.
 
 # {kind: [(dims, layout)]}: ENAT-S's head dim 61 and width 366 in the views the model passes, and shapes of
-# several tiles (query and key tiles of attention, row tiles of the token and adaLN kernels).
+# several tiles (query and key tiles of attention, row tiles of the token and adaLN kernels); the first
+# attention case is small enough for the CPU kernel (a backend stops at the first case it cannot serve).
 CHECK_CASES = {
-    "attention": [((2, 2, 24, 50, 24, 61), "heads"), ((1, 2, 136, 100, 36, 64), "padded")],
+    "attention": [((2, 2, 16, 10, 16, 16), "heads"), ((2, 2, 24, 50, 24, 61), "heads"),
+                  ((1, 2, 136, 100, 36, 64), "padded")],
     "tokens": [((2, 64, 366, 45), "strided"), ((2, 256, 64, 181), "padded")],
     "adaln": [((2, 13, 366), "strided"), ((2, 300, 64), "padded")],
 }
@@ -472,9 +476,9 @@ def check_case(op, backend, dtype, device, dims, layout, generator):
 
 
 def backend_device(backend):
-    """The device whose tensors `backend` is checked on here: the GPU, or the CPU without one (where
-    only the reference, and Triton in its interpreter, can serve)."""
-    if backend == "triton" and triton_utils.INTERPRET:
+    """The device whose tensors `backend` is checked on here: the CPU for the cpu backend (and Triton in
+    its interpreter), else the GPU, or the CPU without one (where only the reference serves)."""
+    if backend == "cpu" or (backend == "triton" and triton_utils.INTERPRET):
         return "cpu"
     return "cuda" if torch.cuda.is_available() else "cpu"
 

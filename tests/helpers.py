@@ -5,12 +5,14 @@ import pytest
 import torch
 
 from enat import ENATConfig
-from enat_kernels import triton_utils
+from enat_kernels import _library, triton_utils
 from enat_kernels.testing import INTERPRETED_BF16, assert_within_budget, heads_view, padded, strided  # noqa: F401
 
 HAS_GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU; this machine has none (CPU paths run here)")
 needs_triton = pytest.mark.skipif(triton_utils.triton is None, reason="triton is not installed")
+needs_cpu_kernels = pytest.mark.skipif(_library.CPU is None, reason=str(_library.CPU_ERROR))
+CPU_KERNEL_DTYPES = (torch.float32, torch.float64)  # what the cpu backend's kernels take
 
 
 def triton_device():
@@ -66,6 +68,10 @@ def backend_params(backends, dtypes, devices):
             marks = []
             if devices[backend] == "cuda":
                 marks.append(needs_gpu)
+            if backend == "cpu":
+                marks.append(needs_cpu_kernels)
+                if dtype not in CPU_KERNEL_DTYPES:
+                    marks.append(pytest.mark.skip(reason="the cpu backend takes fp32 and fp64 (tested to refuse others)"))
             if backend == "triton":
                 marks.append(needs_triton)
                 if devices[backend] == "cpu" and dtype == torch.bfloat16:

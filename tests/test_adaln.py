@@ -22,7 +22,8 @@ import oracle
 A = sys.modules["enat_kernels.ops.adaln"]
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-DEVICES = {"reference": "cpu", None: "cpu", "triton": helpers.triton_device()}
+DEVICES = {"reference": "cpu", None: "cpu", "triton": helpers.triton_device(), "cpu": "cpu"}
+CPU = pytest.param("cpu", marks=helpers.needs_cpu_kernels)
 ROWS = ("gate", "shift", "scale")
 
 
@@ -101,7 +102,7 @@ def check_forward(op, outputs, t, what=""):
 # Forward.
 
 
-@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", None, "triton"]))
+@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", None, "triton", "cpu"]))
 @pytest.mark.parametrize("shape", SHAPES, ids=case_id)
 @pytest.mark.parametrize("op", OPS)
 def test_forward_matches_oracle(op, shape, dtype, backend):
@@ -129,7 +130,7 @@ def test_eps_argument():
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=helpers.needs_triton)])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=helpers.needs_triton), CPU])
 def test_eps_zero(backend):
     """eps = 0 is allowed: rows past L in a tile (rstd infinite there) do not reach the results."""
     t = make_inputs(2, 3, 61, device=DEVICES[backend], requires_grad=True)
@@ -165,7 +166,7 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", "triton"], {"fp32": torch.float32,
+@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", "triton", "cpu"], {"fp32": torch.float32,
                                                                                       "fp16": torch.float16}))
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("op", OPS)
@@ -183,7 +184,7 @@ def test_layouts(op, layout, dtype, backend):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=helpers.needs_triton)])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=helpers.needs_triton), CPU])
 def test_gradients_through_model_views(backend):
     """Gradients reach the (B, 8d) modulation tensor through its column views, as in the model."""
     B, L, d = 2, 5, 61
@@ -207,7 +208,7 @@ def test_gradients_through_model_views(backend):
 # Gradients.
 
 
-@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", "triton"]))
+@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", "triton", "cpu"]))
 @pytest.mark.parametrize("shape", GRAD_SHAPES, ids=case_id)
 @pytest.mark.parametrize("op", OPS)
 def test_gradients_match_oracle(op, shape, dtype, backend):
@@ -238,7 +239,7 @@ def test_gradients_match_oracle(op, shape, dtype, backend):
                                      scale=scales[name])
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=helpers.needs_triton)])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=helpers.needs_triton), CPU])
 @pytest.mark.parametrize("used", ["x_new", "out"])
 def test_residual_one_output_used(used, backend):
     """A loss of only one of the two outputs: the other's gradient is taken as zero."""
@@ -291,7 +292,7 @@ def test_triton_tiling(block_l, programs):
     assert all(torch.equal(a, b) for a, b in zip(ours, again)), "the backward is not deterministic"
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=helpers.needs_triton)])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=helpers.needs_triton), CPU])
 def test_empty(backend):
     """L = 0: empty outputs, zero gradients for the (B, d) rows."""
     t = make_inputs(2, 0, 16, device=DEVICES[backend], requires_grad=True)
@@ -305,9 +306,13 @@ def test_empty(backend):
 # Dispatch.
 
 
-def test_auto_picks_reference_on_cpu():
-    t = make_inputs(1, 2, 16)
-    assert A.ADALN.select(None, t["x"].device, t["x"], t["shift"], t["scale"], 1e-6) == "reference"
+@pytest.mark.parametrize(("dtype", "expected"), [(torch.float32, "cpu"), (torch.float64, "cpu"), (torch.float16, "reference")])
+def test_auto_on_cpu_tensors(dtype, expected):
+    """The C++ kernels where they are built and take the dtype, else the reference."""
+    t = make_inputs(1, 2, 16, dtype=dtype)
+    if helpers._library.CPU is None:
+        expected = "reference"
+    assert A.ADALN.select(None, t["x"].device, t["x"], t["shift"], t["scale"], 1e-6) == expected
 
 
 @helpers.needs_triton
@@ -326,6 +331,19 @@ def test_forced_backend_that_cannot_serve_lists_why():
     t = make_inputs(1, 2, 16)
     with pytest.raises(BackendUnavailableError, match="no cuda kernel for adaln"):
         _call("adaln", t, "cuda")
+
+
+@helpers.needs_cpu_kernels
+@pytest.mark.parametrize(("change", "pattern"), [
+    (lambda t: {k: v.half() for k, v in t.items()}, "take float32, float64, got float16"),
+    (lambda t: {**t, "y": t["y"].transpose(1, 2).contiguous().transpose(1, 2)}, "y is not contiguous"),
+    (lambda t: {**t, "scale": t["scale"].t().contiguous().t()}, "scale is not contiguous"),
+], ids=["fp16", "y_last_dim", "scale_last_dim"])
+def test_forced_cpu_limits(change, pattern):
+    t = change(make_inputs(2, 3, 16))
+    with pytest.raises(BackendUnavailableError, match=pattern):
+        _call("residual_adaln", t, "cpu")
+    check_forward("residual_adaln", _call("residual_adaln", t), t, what="auto on what the cpu kernel refuses")
 
 
 @helpers.needs_triton
@@ -349,7 +367,7 @@ def test_forced_triton_limits(change, pattern):
 FP32 = {"fp32": torch.float32}
 
 
-@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", "triton"], FP32))
+@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", "triton", "cpu"], FP32))
 @pytest.mark.parametrize("op", OPS)
 def test_opcheck_forward(op, backend, dtype):
     t = make_inputs(2, 5, 61, dtype=dtype, device=DEVICES[backend], requires_grad=True)

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+import enat_kernels
 import enat_kernels.ops as K
 from enat_kernels.backends import BackendUnavailableError
 
@@ -23,7 +24,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 NAMES = ("q", "k_ctx", "v_ctx", "k_self", "v_self")
 
 # backend -> device its tensors live on in this session (None = auto, on CPU tensors).
-DEVICES = {"reference": "cpu", None: "cpu", "triton": helpers.triton_device(), "cuda": "cuda"}
+DEVICES = {"reference": "cpu", None: "cpu", "triton": helpers.triton_device(), "cuda": "cuda", "cpu": "cpu"}
 
 
 def backend_params(backends, dtypes=DTYPES):
@@ -86,7 +87,7 @@ def check_forward(out, lse, inputs, scale=None, what=""):
 # Forward.
 
 
-@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", None, "triton", "cuda"]))
+@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", None, "triton", "cuda", "cpu"]))
 @pytest.mark.parametrize("shape", SHAPES, ids=[case_id(c) for c in SHAPES])
 def test_forward_matches_oracle(shape, dtype, backend):
     inputs = make_inputs(*shape, dtype=dtype, device=DEVICES[backend])
@@ -94,11 +95,12 @@ def test_forward_matches_oracle(shape, dtype, backend):
     check_forward(out, lse, inputs, what=f"{case_id(shape)} {dtype} {backend}")
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=helpers.needs_cpu_kernels)])
 @pytest.mark.parametrize("shape", SHAPES[:4], ids=[case_id(c) for c in SHAPES[:4]])
-def test_forward_fp64(shape):
-    """fp64 inputs (reference backend): out and lse in fp64, equal to the oracle to rounding."""
+def test_forward_fp64(shape, backend):
+    """fp64 inputs (reference and cpu backends): out and lse in fp64, equal to the oracle to rounding."""
     inputs = make_inputs(*shape, dtype=torch.float64)
-    out, lse = K.asymmetric_attention(*inputs, return_lse=True, backend="reference")
+    out, lse = K.asymmetric_attention(*inputs, return_lse=True, backend=backend)
     ref_out, ref_lse = oracle.attention(*inputs)
     assert out.dtype == torch.float64 and lse.dtype == torch.float64
     torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
@@ -115,7 +117,7 @@ def test_return_lse_default_is_tensor_only(dtype):
     assert lse.dtype == torch.float32
 
 
-@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", None, "triton", "cuda"], {"fp32": torch.float32}))
+@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", None, "triton", "cuda", "cpu"], {"fp32": torch.float32}))
 @pytest.mark.parametrize("shape", [(2, 3, 7, 5, 4, 16), (1, 2, 13, 0, 5, 61)], ids=case_id)
 def test_output_layout_is_the_fake_kernels(shape, backend, dtype):
     """out (B, H, Lq, D) is contiguous on every backend, as the fake kernel says (torch.compile relies
@@ -172,6 +174,19 @@ def test_forced_backend_that_cannot_serve_lists_why():
         K.asymmetric_attention(*inputs, backend="cuda")
 
 
+@helpers.needs_cpu_kernels
+@pytest.mark.parametrize(("shape", "dtype", "pattern"), [
+    ((1, 2, 7, 5, 4, 16), torch.float16, "take float32, float64, got float16"),
+    ((2, 4, 64, 64, 64, 32), torch.float32, "is above the CPU kernel's"),
+], ids=["fp16", "too_large"])
+def test_forced_cpu_limits(shape, dtype, pattern):
+    """What the C++ kernel refuses it says why; auto then runs the reference."""
+    inputs = make_inputs(*shape, dtype=dtype)
+    with pytest.raises(BackendUnavailableError, match=pattern):
+        K.asymmetric_attention(*inputs, backend="cpu")
+    assert enat_kernels.explain("asymmetric_attention", *inputs).chosen == "reference"
+
+
 # Non-contiguous inputs.
 
 LAYOUTS = {
@@ -185,7 +200,7 @@ LAYOUTS = {
 
 @pytest.mark.parametrize(
     ("backend", "dtype"),
-    backend_params(["reference", "triton", "cuda"], {"fp32": torch.float32, "fp16": torch.float16}),
+    backend_params(["reference", "triton", "cuda", "cpu"], {"fp32": torch.float32, "fp16": torch.float16}),
 )
 @pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
 @pytest.mark.parametrize("shape", [(2, 3, 7, 17, 4, 61), (3, 2, 13, 0, 5, 64), (1, 3, 1, 5, 0, 16)], ids=case_id)
@@ -219,7 +234,7 @@ def test_expanded_kv():
     check_forward(out, lse, [q, kc, vc, ks, vs], what="expanded")
 
 
-@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", "triton", "cuda"], {"fp32": torch.float32}))
+@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", "triton", "cuda", "cpu"], {"fp32": torch.float32}))
 def test_large_scores_within_budget(backend, dtype):
     """Scores of magnitude ~1e2-1e3: no overflow to inf/NaN, and still within the error budget."""
     inputs = make_inputs(1, 2, 7, 5, 4, 16, dtype=dtype, device=DEVICES[backend])
@@ -248,7 +263,7 @@ def test_gradcheck_fp64(shape, backend):
 GRAD_CASES = [(2, 3, 7, 17, 4, 61), (1, 2, 13, 0, 5, 64), (3, 1, 7, 5, 0, 128), (2, 2, 1, 1, 1, 16), (1, 2, 0, 5, 4, 16)]
 
 
-@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", "triton", "cuda"]))
+@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", "triton", "cuda", "cpu"]))
 @pytest.mark.parametrize("shape", GRAD_CASES, ids=[case_id(c) for c in GRAD_CASES])
 def test_gradients_match_oracle(shape, dtype, backend):
     """Gradients of all five inputs against the oracle's autograd gradients (budget factor 3).
@@ -299,7 +314,7 @@ def test_return_lse_under_autograd():
 FP32 = {"fp32": torch.float32}
 
 
-@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", "triton", "cuda"], FP32))
+@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", "triton", "cuda", "cpu"], FP32))
 @pytest.mark.parametrize(
     "shape", [(2, 3, 7, 17, 4, 61), (1, 2, 5, 0, 5, 16), (1, 2, 5, 5, 0, 16), (1, 1, 0, 3, 2, 16)], ids=case_id
 )

@@ -18,19 +18,29 @@ def _setup_py(**env):
     )
 
 
-def test_skipping_the_cuda_build_says_so_in_one_line():
+def _messages(result):
+    return [line for line in result.stdout.splitlines() if line.startswith("enat_kernels:")]
+
+
+def test_skipping_a_build_says_so_in_one_line():
+    result = _setup_py(ENAT_KERNELS_BUILD_CUDA="0", ENAT_KERNELS_BUILD_CPU="0")
+    assert result.returncode == 0, result.stderr
+    assert _messages(result) == ["enat_kernels: CUDA backend skipped (ENAT_KERNELS_BUILD_CUDA=0)",
+                                 "enat_kernels: CPU kernels skipped (ENAT_KERNELS_BUILD_CPU=0)"]
+
+
+def test_the_cpu_kernels_build_without_the_cuda_extension():
     result = _setup_py(ENAT_KERNELS_BUILD_CUDA="0")
     assert result.returncode == 0, result.stderr
-    lines = [line for line in result.stdout.splitlines() if line.startswith("enat_kernels:")]
-    assert lines == [
-        "enat_kernels: CUDA backend skipped (ENAT_KERNELS_BUILD_CUDA=0); installing the reference and Triton backends only"
-    ]
+    assert _messages(result)[0] == "enat_kernels: CUDA backend skipped (ENAT_KERNELS_BUILD_CUDA=0)"
+    assert _messages(result)[1].startswith("enat_kernels: building enat_kernels._cpu with MAX_JOBS=")
 
 
-def test_unknown_build_switch_is_an_error_naming_it():
-    result = _setup_py(ENAT_KERNELS_BUILD_CUDA="yes")
+@pytest.mark.parametrize("switch", ["ENAT_KERNELS_BUILD_CUDA", "ENAT_KERNELS_BUILD_CPU"])
+def test_unknown_build_switch_is_an_error_naming_it(switch):
+    result = _setup_py(**{switch: "yes"})
     assert result.returncode != 0
-    assert "ENAT_KERNELS_BUILD_CUDA must be 0, 1 or unset, got 'yes'" in result.stderr
+    assert f"{switch} must be 0, 1 or unset, got 'yes'" in result.stderr
 
 
 def test_one_compiler_for_cpp_sources_and_nvcc_host():

@@ -110,7 +110,7 @@ def test_argument_wins_over_environment(monkeypatch):
 @pytest.mark.parametrize("bad", ["gpu", "CUDA", ""])
 def test_unknown_backend_names(monkeypatch, bad):
     x, index = _tokens()
-    with pytest.raises(ValueError, match="backend must be one of 'triton', 'cuda', 'reference'"):
+    with pytest.raises(ValueError, match="backend must be one of 'triton', 'cuda', 'cpu', 'reference'"):
         K.gather_tokens(x, index, backend=bad)
     if bad:
         monkeypatch.setenv(ENV_BACKEND, bad)
@@ -126,9 +126,15 @@ def test_direct_op_call_checks_the_backend_string():
         torch.ops.enat.gather_tokens(x, index, "cuda")
 
 
-def test_every_op_has_a_reference_on_cpu():
+def test_cpu_tensors_take_the_cpu_kernels_else_the_reference(monkeypatch):
     q = torch.randn(1, 2, 3, 16)
+    if _library.CPU is not None:
+        assert FORWARD.select(None, CPU, q, q, q, q, q, 0.25) == "cpu"
+    assert FORWARD.select(None, CPU, q.half(), q.half(), q.half(), q.half(), q.half(), 0.25) == "reference"
+    monkeypatch.setattr(_library, "CPU", None)
+    monkeypatch.setattr(_library, "CPU_ERROR", "the CPU kernels enat_kernels._cpu are not built")
     assert FORWARD.select(None, CPU, q, q, q, q, q, 0.25) == "reference"
+    assert "enat_kernels._cpu are not built" in " ".join(FORWARD.reasons("cpu", CPU, (q, q, q, q, q, 0.25)))
 
 
 @needs_triton
@@ -188,6 +194,7 @@ def test_explain_names_the_backend_and_every_reason(monkeypatch):
     x, index = _tokens()
     monkeypatch.setattr(_library, "EXTENSION_LOADED", False)
     monkeypatch.setattr(_library, "EXTENSION_ERROR", "the CUDA extension enat_kernels._C is not built")
+    monkeypatch.setattr(_library, "CPU", None)
     for op in (K.gather_tokens, "gather_tokens"):
         explanation = enat_kernels.explain(op, x, index)
         assert explanation.op == "gather_tokens" and explanation.chosen == "reference"

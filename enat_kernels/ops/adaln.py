@@ -9,8 +9,8 @@ fp32, without affine weights (LayerNorm(d, elementwise_affine=False), eps 1e-6 i
 is computed in fp32 and rounded once to x's dtype; out normalises that rounded x_new. Outputs are
 contiguous, in x's dtype. Both ops are differentiable in every float input.
 
-Backends: the reference (plain PyTorch, fp32 statistics; fp64 for fp64 inputs) and Triton. There is
-no CUDA C++ kernel for these ops.
+Backends: the reference (plain PyTorch, fp32 statistics; fp64 for fp64 inputs), Triton, and the C++
+CPU kernels (forward; fp32 and fp64). There is no CUDA C++ kernel for these ops.
 """
 
 import math
@@ -18,7 +18,7 @@ import numbers
 
 import torch
 
-from .. import triton_utils
+from .. import _library, triton_utils
 from .._library import define
 from ..backends import Dispatcher, Entry
 from . import _checks
@@ -288,11 +288,39 @@ def _triton_why_not(**tensors):
     return reasons
 
 
+# CPU (csrc/cpu/kernels.cpp): forward only, fp32 and fp64, one pass of C++ per row (statistics, then
+# the normalised, modulated row; x_new first for residual_adaln) in place of the reference's several
+# PyTorch calls.
+
+CPU_DTYPES = (torch.float32, torch.float64)
+
+
+def adaln_cpu(x, shift, scale, eps):
+    return _library.CPU.adaln(x, shift, scale, eps)
+
+
+def residual_adaln_cpu(x, y, gate, shift, scale, eps):
+    return _library.CPU.residual_adaln(x, y, gate, shift, scale, eps)
+
+
+def _cpu_why_not(**tensors):
+    """The CPU kernels' limits: dtype, and rows contiguous in their last dimension."""
+    x = next(iter(tensors.values()))
+    reasons = []
+    if x.dtype not in CPU_DTYPES:
+        reasons.append(f"the CPU adaLN kernels take float32, float64, got {str(x.dtype).removeprefix('torch.')}")
+    for name, t in tensors.items():
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            reasons.append(f"{name} is not contiguous in its last dimension (strides {t.stride()})")
+    return reasons
+
+
 # Dispatch, registration, autograd.
 
 ADALN = Dispatcher("adaln")
 ADALN.register("reference", adaln_reference)
 ADALN.register("triton", adaln_triton, lambda x, shift, scale, eps: _triton_why_not(x=x, shift=shift, scale=scale))
+ADALN.register("cpu", adaln_cpu, lambda x, shift, scale, eps: _cpu_why_not(x=x, shift=shift, scale=scale))
 
 ADALN_BACKWARD = Dispatcher("adaln_backward")
 ADALN_BACKWARD.register("reference", adaln_backward_reference)
@@ -302,6 +330,8 @@ ADALN_BACKWARD.register("triton", adaln_backward_triton,
 RESIDUAL_ADALN = Dispatcher("residual_adaln")
 RESIDUAL_ADALN.register("reference", residual_adaln_reference)
 RESIDUAL_ADALN.register("triton", residual_adaln_triton, lambda x, y, gate, shift, scale, eps: _triton_why_not(
+    x=x, y=y, gate=gate, shift=shift, scale=scale))
+RESIDUAL_ADALN.register("cpu", residual_adaln_cpu, lambda x, y, gate, shift, scale, eps: _cpu_why_not(
     x=x, y=y, gate=gate, shift=shift, scale=scale))
 
 RESIDUAL_ADALN_BACKWARD = Dispatcher("residual_adaln_backward")
