@@ -69,6 +69,9 @@ def test_extension_is_built_when_required():
     """CI sets ENAT_KERNELS_REQUIRE_EXTENSION=1 so that a csrc/ that fails to compile fails the run."""
     if os.environ.get("ENAT_KERNELS_REQUIRE_EXTENSION") == "1":
         assert enat_kernels.EXTENSION_LOADED, enat_kernels.EXTENSION_ERROR
+        assert enat_kernels.CPU_KERNELS_LOADED, enat_kernels.CPU_KERNELS_ERROR
+    if not enat_kernels.CPU_KERNELS_LOADED:
+        assert "enat_kernels._cpu" in enat_kernels.CPU_KERNELS_ERROR
     if not enat_kernels.EXTENSION_LOADED:
         assert "enat_kernels._C" in enat_kernels.EXTENSION_ERROR
         return
