@@ -145,9 +145,8 @@ def _run(benchmark, provider, mode, role, B, H, Lq, Lc, Ls, dtype, layout):
         def attend():
             return PROVIDERS[provider](*args)
 
-    # The output's gradient in the layout the model hands it over: it merges the heads as
-    # out.transpose(1, 2).reshape(B, Lq, H * D), so the gradient arrives as (B, Lq, H, D) memory; in the
-    # contiguous layout as (B, H, Lq, D).
+    # The output's gradient in the layout the model hands it over: its merge of the heads is a (B, Lq, H * D)
+    # view, so the gradient arrives as (B, Lq, H, D) memory; in the contiguous layout as (B, H, Lq, D).
     grad = torch.randn(B, Lq, H, D, device=DEVICE, dtype=dtype).transpose(1, 2)
     if layout == "contiguous":
         grad = grad.contiguous()

@@ -14,7 +14,8 @@ namespace enat {
 // Attention of q over [k_ctx ; k_self] without concatenating: q (B, H, Lq, D); k_ctx, v_ctx (B, H, Lc, D);
 // k_self, v_self (B, H, Ls, D); same dtype (fp16, bf16, fp32) and device, contiguous last dimension,
 // any other strides, 1 <= D <= 128, Lc + Ls > 0. Returns out = softmax(q k^T * scale) v as
-// (B, H, Lq, D) contiguous in the input dtype, and lse (B, H, Lq) fp32 contiguous, the natural-log log-sum-exp of the scaled
+// (B, H, Lq, D) in the input dtype, laid out (B, Lq, H, D) (out.transpose(1, 2) is contiguous, ready for
+// the output projection), and lse (B, H, Lq) fp32 contiguous, the natural-log log-sum-exp of the scaled
 // scores.
 ENAT_API std::tuple<at::Tensor, at::Tensor> asymmetric_attention_cuda(const at::Tensor& q, const at::Tensor& k_ctx,
                                                                       const at::Tensor& v_ctx, const at::Tensor& k_self,

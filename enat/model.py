@@ -152,6 +152,7 @@ class Attention(nn.Module):
         q, k_self, v_self = self._heads(self.qkv(x), 3)
         k_ctx, v_ctx = self._heads(self.kv_ctx(ctx), 2)
         out = ops.attention(q, k_ctx, v_ctx, k_self, v_self)
+        # The kernels' output (B, H, Lq, D) is (B, Lq, H, D) memory, so merging the heads is a view.
         return self.proj(out.transpose(1, 2).reshape(B, Lq, d))
 
 

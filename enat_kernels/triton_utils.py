@@ -32,7 +32,9 @@ def autotune_configs(configs):
 
 # Configs per GPU generation. A kernel whose configs differ by target lists them per target family:
 # "sm90" (wgmma: compute capability 9.x and 10.x) and "sm80" (mma.sync: 8.x and any other). At launch,
-# autotuning tries only the family's configs (`target_autotune`).
+# autotuning tries only the family's configs (`target_autotune`); tests/test_gpu_targets.py compiles
+# every one of them for sm_80 or sm_90 and fails on a spill, on more than 255 registers or on shared
+# memory over the target's limit, so a config that does not fit cannot be added.
 
 SHARED_MEMORY_LIMIT = {"sm80": 166912, "sm90": 232448}  # bytes per block: A100, H100
 AOT_CAPABILITY = None  # the compute capability that launches on CPU tensors plan for (ahead-of-time compiles)

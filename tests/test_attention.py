@@ -119,14 +119,17 @@ def test_return_lse_default_is_tensor_only(dtype):
 
 @pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", None, "triton", "cuda", "cpu"], {"fp32": torch.float32}))
 @pytest.mark.parametrize("shape", [(2, 3, 7, 5, 4, 16), (1, 2, 13, 0, 5, 61)], ids=case_id)
-def test_output_layout_is_the_fake_kernels(shape, backend, dtype):
-    """out (B, H, Lq, D) is contiguous on every backend, as the fake kernel says (torch.compile relies
-    on it)."""
+def test_output_is_laid_out_b_lq_h_d(shape, backend, dtype):
+    """out (B, H, Lq, D) is (B, Lq, H, D) memory, as the fake kernel says: out.transpose(1, 2) is
+    contiguous, so the model's merge of the heads is a view of it, not a copy."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    B, H, Lq, _, _, D = shape
     inputs = make_inputs(*shape, dtype=dtype, device=DEVICES[backend])
     out = K.asymmetric_attention(*inputs, backend=backend)
-    assert out.is_contiguous(), out.stride()
+    assert out.transpose(1, 2).is_contiguous(), out.stride()
+    merged = out.transpose(1, 2).reshape(B, Lq, H * D)  # enat.model.Attention.forward
+    assert merged.data_ptr() == out.data_ptr() and merged._base is not None
     with FakeTensorMode() as mode:
         fakes = [mode.from_tensor(t) for t in inputs]
         fake_out, _ = torch.ops.enat.asymmetric_attention(*fakes, 0.5, backend or "reference")

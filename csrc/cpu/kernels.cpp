@@ -57,6 +57,7 @@ void attention_rows(const at::Tensor& q, const at::Tensor& k_ctx, const at::Tens
   const int64_t Lc = k_ctx.size(2), Ls = k_self.size(2), Lk = Lc + Ls;
   const View<T> Q(q), KC(k_ctx), VC(v_ctx), KS(k_self), VS(v_self);
   T* o_ptr = out.data_ptr<T>();
+  const int64_t so_b = out.stride(0), so_h = out.stride(1), so_l = out.stride(2);
   T* l_ptr = lse.data_ptr<T>();
   at::parallel_for(0, B * H * Lq, grain(Lk * D * 2), [&](int64_t begin, int64_t end) {
     std::vector<T> scores(Lk), q_row(D), acc(D);
@@ -75,7 +76,7 @@ void attention_rows(const at::Tensor& q, const at::Tensor& k_ctx, const at::Tens
         const T* v = j < Lc ? VC.row(b, h, j) : VS.row(b, h, j - Lc);
         for (int64_t d = 0; d < D; ++d) acc[d] += p * v[d];
       }
-      T* o = o_ptr + r * D;
+      T* o = o_ptr + b * so_b + h * so_h + i * so_l;
       const T inverse = T(1) / denominator;
       for (int64_t d = 0; d < D; ++d) o[d] = acc[d] * inverse;
       l_ptr[r] = m + std::log(denominator);
@@ -84,7 +85,8 @@ void attention_rows(const at::Tensor& q, const at::Tensor& k_ctx, const at::Tens
 }
 
 // q (B, H, Lq, D); k_ctx, v_ctx (B, H, Lc, D); k_self, v_self (B, H, Ls, D); float32 or float64.
-// Returns out (B, H, Lq, D) contiguous and lse (B, H, Lq), both in q's dtype.
+// Returns out (B, H, Lq, D), laid out (B, Lq, H, D) as every backend lays it out (the model's merge of
+// the heads is then a view), and lse (B, H, Lq) contiguous, both in q's dtype.
 std::tuple<at::Tensor, at::Tensor> asymmetric_attention(const at::Tensor& q, const at::Tensor& k_ctx,
                                                         const at::Tensor& v_ctx, const at::Tensor& k_self,
                                                         const at::Tensor& v_self, double scale) {
@@ -93,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor> asymmetric_attention(const at::Tensor& q, con
     check_rows(*t, name);
   }
   TORCH_CHECK(k_ctx.size(2) + k_self.size(2) > 0, "k_ctx and k_self are both empty");
-  auto out = at::empty(q.sizes(), q.options());
+  auto out = at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options()).transpose(1, 2);
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "asymmetric_attention_cpu", [&] {
     attention_rows<scalar_t>(q, k_ctx, v_ctx, k_self, v_self, scale, out, lse);

@@ -1,5 +1,5 @@
 // asymmetric_attention_cuda: the launcher of the kernels in attention_kernels.cuh (design there). It
-// checks the arguments, allocates out (B, H, Lq, D) contiguous, as the op's fake kernel does, and lse,
+// checks the arguments, allocates out as (B, Lq, H, D) (returned as its (B, H, Lq, D) transpose) and lse,
 // plans the tensor-core tiles (plan_tc: copy width and D_PAD) and launches one kernel.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -160,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor> asymmetric_attention_cuda(const at::Tensor& q
 
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
-  auto out = at::empty({B, H, Lq, D}, q.options());
+  auto out = at::empty({B, Lq, H, D}, q.options()).transpose(1, 2);  // out.transpose(1, 2) is contiguous
   auto lse = at::empty({B, H, Lq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
 

@@ -7,7 +7,8 @@
 // joined key range [0, Lc + Ls) ("virtual concatenation": each key row is read from whichever segment holds
 // it, through that segment's own (b, h, l) strides with 64-bit offsets; a tile may straddle the boundary;
 // an empty segment simply contributes no rows). The last dimension must be contiguous. The output is
-// written through its own (b, h, l) strides (the launcher allocates it contiguous).
+// written through its own (b, h, l) strides: the launcher allocates it as (B, Lq, H, D), so that
+// out.transpose(1, 2) is contiguous and feeds the output projection without a copy.
 //  * Tensor-core path (fp16/bf16, compute capability >= 8.0, Hopper included), FlashAttention-2 style:
 //    attn_tc_kernel<T, D_PAD, WARPS>, D_PAD = 32, 64, 96 or 128 >= D + the loader's column shift (below);
 //    padded columns are zero in shared memory, so they change no dot product. Each warp owns 16 query rows;
@@ -47,8 +48,8 @@
 //  * Epilogue: lse = (m + log2 l) * ln 2; O / l staged as T in the warp's rows of the Q tile (read only by
 //    this warp, long ago) and stored with the widest of 16-, 8-, 4-byte stores that the output row stride
 //    and the staged row's alignment allow (2-byte stores for the elements before the first aligned one and
-//    after the last); rows >= Lq and columns >= D are never written. A contiguous output takes 16-byte
-//    stores for D = 64 and 4-byte stores for ENAT-S's 61.
+//    after the last); rows >= Lq and columns >= D are never written. The model's (B, Lq, H, D) output takes
+//    16-byte stores for D = 64 and 4-byte stores for ENAT-S.
 //  * Simple path (fp32 on any GPU, fp16/bf16 below sm_80, or too little shared memory): one warp per
 //    query row, lanes split D (up to 4 columns each), one warp-shuffle dot product and scalar online
 //    softmax step per key, 4 rows per block.

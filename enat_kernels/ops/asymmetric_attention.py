@@ -26,11 +26,11 @@ def _accumulator_dtype(dtype):
 
 
 def _new_out(q):
-    """The output (B, H, Lq, D) of every backend and of the fake kernel: contiguous. (Laid out (B, Lq, H,
-    D), the model's merge of the heads would be a view, but in a graph with the token ops Inductor
-    asserted contiguous strides for this op's output, tests/test_compile.py; the kernels write through
-    the output's strides, so the layout is this one function.)"""
-    return q.new_empty(q.shape)
+    """The output (B, H, Lq, D) of every backend (and of the fake kernel), laid out (B, Lq, H, D):
+    out.transpose(1, 2) is contiguous, so the model's merge of the heads,
+    out.transpose(1, 2).reshape(B, Lq, H * D), is a view."""
+    B, H, Lq, D = q.shape
+    return q.new_empty((B, Lq, H, D)).transpose(1, 2)
 
 
 # Reference (plain PyTorch, fp32 accumulation; fp64 for fp64 inputs).
@@ -55,8 +55,8 @@ def _cpu_fused_attention(q, segments, scale):
     parts = [_CPU_FUSED(q, k, v, scale=scale) for k, v in segments]
     lse = q.new_empty(q.shape[:3])
     if len(parts) == 1:
-        out = parts[0][0]  # laid out as q
-        return (out if out.is_contiguous() else _new_out(q).copy_(out)), lse.copy_(parts[0][1])
+        out = parts[0][0]  # laid out as q: when q is the model's view, already as _new_out lays it out
+        return (out if out.transpose(1, 2).is_contiguous() else _new_out(q).copy_(out)), lse.copy_(parts[0][1])
     out = _new_out(q)
     (o_ctx, l_ctx), (o_self, l_self) = parts
     torch.logaddexp(l_ctx, l_self, out=lse)
@@ -139,7 +139,9 @@ def asymmetric_attention_backward_reference(grad_out, q, k_ctx, v_ctx, k_self, v
 # for ENAT-L training, B = 128, H = 16), so small B * H leave SMs idle. The alternative without atomics,
 # a dK/dV kernel over key tiles plus a dQ kernel over query tiles (Triton's fused-attention tutorial),
 # has B * H * tiles programs but 7 products per tile pair instead of 5.
-# Autotuning is keyed on the head dim, the precision and the power-of-two buckets of Lq and Lc + Ls.
+# Autotuning is keyed on the head dim, the precision and the power-of-two buckets of Lq and Lc + Ls; the
+# configs are those that compile without spills and within shared memory on sm_80 and sm_90
+# (tests/test_gpu_targets.py), per target (`target_configs`).
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_D = 128
@@ -465,8 +467,8 @@ def _bhl_strides(*tensors):
 DELTA_BLOCK_M = 64  # query rows per program of the delta kernel
 # The backward's launches per target family and padded head dim, each with the gradients it accumulates:
 # one pass of the five products, or one launch per gradient (S^T three times, dP^T twice: 8 products
-# instead of 5) where the registers of two fp32 accumulators and the dQ tile did not fit without spills
-# in ahead-of-time compiles for sm_80 and sm_90 (ptxas -v on Triton's PTX).
+# instead of 5) where the registers of two fp32 accumulators and the dQ tile do not fit without spills
+# (tests/test_gpu_targets.py).
 ONE_PASS = (("dV", "dK", "dQ"),)
 PER_GRADIENT = (("dV",), ("dK",), ("dQ",))
 BACKWARD_PASSES = {("sm90", 64): ONE_PASS, ("sm80", 64): ONE_PASS, ("sm90", 128): PER_GRADIENT,
@@ -543,7 +545,8 @@ def _kernel_why_not(*tensors, max_d, dtypes, what):
 # fp16 and bf16 on sm_80 and newer (Hopper included) run FlashAttention-2 style tiles on mma.sync
 # m16n8k16 with a cp.async pipeline whose 16-, 8- or 4-byte copies and column shifts take the model's
 # strided views as they are (ENAT-S's head dim 61 included); fp32 and older GPUs a warp-per-row kernel.
-# The output is (B, H, Lq, D) contiguous, as _new_out makes it. Its backward is the Triton one. Resources per kernel and architecture: scripts/cuda_resources.py (docs/OPS.md).
+# The output is (B, H, Lq, D) laid out (B, Lq, H, D), as _new_out makes it. Its backward is the Triton
+# one. Resources per kernel and architecture: scripts/cuda_resources.py (docs/OPS.md).
 
 CUDA_DTYPES = TRITON_DTYPES
 CUDA_MAX_D = 128
