@@ -181,13 +181,22 @@ def search_rounds(n):
 
 
 if triton is not None:
-    # The first config is the one the interpreter and ENAT_KERNELS_AUTOTUNE=0 use.
+    # The first config is the one the interpreter uses. 16 warps (at most 128 registers per thread) spilled
+    # at width 366 and are not used.
     TOKEN_CONFIGS = [
         triton.Config({"TILE_BYTES": 32768}, num_warps=8),
         triton.Config({"TILE_BYTES": 16384}, num_warps=4),
-        triton.Config({"TILE_BYTES": 65536}, num_warps=16),
         triton.Config({"TILE_BYTES": 8192}, num_warps=4),
     ]
+
+    def token_configs_for(family, BLOCK_D, EVEN_D, **meta):
+        """The token kernels' configs (any target): rows whose width is not a power of two (masked columns,
+        moved element by element where unaligned, as ENAT-S's 366) take the 4-warp ones, rows under 64
+        elements the 8-warp one; the combinations that compile without spills at the model's widths
+        (tests/test_gpu_targets.py)."""
+        if not EVEN_D:
+            return TOKEN_CONFIGS[1:]
+        return TOKEN_CONFIGS[:1] if BLOCK_D < 64 else TOKEN_CONFIGS
 
     @triton.jit
     def row_tile_columns(BLOCK_D: tl.constexpr):

@@ -1,5 +1,6 @@
 """The Triton attention kernels themselves: every autotuning configuration of every target (sm_80 and
-sm_90 lists), both backward pass plans (one pass of the five products, one launch per gradient), and
+sm_90 lists), every backward launch plan (one pass of the five products, (dV, dK) then dQ, one launch
+per gradient), and
 shapes that span several tiles in every dimension (ragged last tiles in both key segments, padded head
 dims), against the fp64 oracle.
 
@@ -24,7 +25,7 @@ DEVICE = helpers.triton_device()
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 if DEVICE == "cuda":
     DTYPES["bf16"] = torch.bfloat16
-PASSES = {"one-pass": A.ONE_PASS, "per-gradient": A.PER_GRADIENT}
+PASSES = {"one-pass": A.ONE_PASS, "kv-then-q": A.KV_THEN_Q, "per-gradient": A.PER_GRADIENT}
 
 
 def check_gradients(grads, inputs, grad_out, scale, what):
@@ -70,8 +71,8 @@ def test_multi_tile_forward_and_backward(shape, dtype):
 
 @pytest.mark.parametrize("passes", list(PASSES.values()), ids=list(PASSES))
 @pytest.mark.parametrize("shape", [(2, 2, 100, 37, 120, 61), (1, 3, 9, 0, 9, 64), (2, 1, 1, 80, 1, 16)], ids=case_id)
-def test_both_backward_pass_plans(shape, passes):
-    """One pass of the five products and one launch per gradient give the oracle's gradients."""
+def test_every_backward_launch_plan(shape, passes):
+    """Every launch plan gives the oracle's gradients."""
     inputs = make_inputs(*shape, dtype=torch.float32, device=DEVICE)
     run_both(inputs, 0.37, torch.float32, passes=passes, what=f"{case_id(shape)} {len(passes)} passes")
 
@@ -113,3 +114,23 @@ def test_every_backward_config(config, D, passes):
     inputs = make_inputs(*shape, dtype=torch.float16, device=DEVICE)
     run_both(inputs, D**-0.5, torch.float16, backward_config=config, passes=passes,
              what=f"{config_id(config)} {len(passes)} passes")
+
+
+def test_every_target_lists_configs_of_the_kernel():
+    """Each target's lists (what autotuning tries on that GPU) are drawn from the kernel's configs,
+    which the tests above run one by one, and every backward plan is one of the plans they run."""
+    for family in ("sm80", "sm90"):
+        for precision in ("tf32", "ieee"):
+            for block_d in (16, 32, 64, 128):
+                listed = A._attention_fwd_kernel.configs_for(family, BLOCK_D=block_d, PRECISION=precision)
+                assert listed and all(any(c is k for k in A.FORWARD_CONFIGS) for c in listed)
+            for block_d in (64, 128):
+                for aligned in (True, False):
+                    plan = A.BACKWARD_PLANS[family, "fp32" if precision == "ieee" else "mma", block_d, aligned]
+                    assert tuple(plan) in PASSES.values()
+                    for products in plan:
+                        flags = {name: name in products for name in ("dV", "dK", "dQ")}
+                        listed = A._attention_bwd_kernel.configs_for(
+                            family, BLOCK_D=block_d, PRECISION=precision, ALIGNED=aligned,
+                            DV=flags["dV"], DK=flags["dK"], DQ=flags["dQ"])
+                        assert listed and all(any(c is k for k in A.BACKWARD_CONFIGS) for c in listed)

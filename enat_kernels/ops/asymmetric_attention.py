@@ -112,42 +112,55 @@ def asymmetric_attention_backward_reference(grad_out, q, k_ctx, v_ctx, k_self, v
 
 # Triton. The two key segments are walked one after the other, each from its own base pointer with its
 # own strides: context tiles [0, Lc), then self tiles [0, Ls). Every tile comes from one segment, so its
-# rows are one strided range that Triton vectorises and pipelines (cp.async on sm_80, cp.async or TMA
-# on sm_90) whenever the strides allow; full tiles load without row masks and each segment ends in at
-# most one masked tile. The head dim is padded to a power of two >= 16 on chip (masked columns unless D
-# is one: ENAT-S's 61 runs as 64). Offsets of batch, head and row are 64-bit; accumulation is fp32;
-# fp16 and bf16 products run on tensor cores (wgmma on sm_90, mma.sync on sm_80), fp32 ones are exact
-# ("ieee": FMA, no TF32).
+# rows are one strided range: full tiles load without row masks, each segment ends in at most one masked
+# tile, and Triton vectorises and pipelines the loads (cp.async) wherever the rows are 16-byte aligned
+# (ALIGNED). The head dim is padded on chip to a power of two (>= 16; >= 64 in the backward), its extra
+# columns masked unless D is one. ENAT-S's 61 in the model's layout starts rows on 2-byte boundaries,
+# which no asynchronous copy takes (cp.async copies 4, 8 or 16 aligned bytes; TMA needs 16-byte strides):
+# its tiles are read element by element with one predicate per row (columns past D read column D - 1 and
+# are zeroed in registers), and the forward prefetches them into registers one tile ahead. Offsets of
+# batch, head and row are 64-bit; accumulation is fp32; fp16 and bf16 products run on tensor cores
+# (wgmma on sm_90, mma.sync on sm_80), fp32 ones are exact ("ieee": FMA, no TF32).
 #
 # Forward: one program per (query tile, batch * head); one online softmax over both segments in the log2
 # domain, the scores scaled and shifted by one multiply-add s * (scale log2 e) - m.
 #
 # Backward: a preprocessing kernel writes delta = rowsum(dO * O) (fp32, (B, H, Lq)); then one program
 # per (batch, head) owns every gradient of that head, so nothing needs atomics and every run gives the
-# same bits. The program walks the key tiles (context, then self) and for each walks the query tiles,
-# computing per (key tile, query tile) the five products of FlashAttention-2 in the key-major
-# (transposed) form, whose M dimension is the key tile or the head dim (>= 64 for wgmma whatever the
-# query tile):
+# same bits. The program walks the key tiles (context, then self) and, for each, the query tiles,
+# computing FlashAttention-2's five products per (key tile, query tile) in the key-major (transposed)
+# form, whose M dimension is the key tile or the head dim (>= 64, as wgmma needs, whatever the query
+# tile; so head dims below 64 run padded to 64):
 #     S^T = K Q^T,  dV += P^T dO,  dP^T = V dO^T,  dK += dS^T Q,  dQ^T += K^T dS^T.
-# dK and dV of the key tile stay in registers and are stored once. dQ of a query tile gathers over the
-# key tiles of the program: when every query fits one tile (Lq <= SMALL_LQ, the "one-tile" kernel,
-# which computes delta itself from the O and dO it holds) it stays in registers; otherwise it is read,
-# added to and written back in an fp32 scratch of (B, H, Lq, D) between key tiles (the first key tile
-# writes without reading, the last one writes dQ in its dtype; a barrier per key tile orders the
-# program's own writes and reads). This is FlashAttention-2's algorithm and memory traffic with the
-# atomic dQ adds replaced by owned read-modify-writes; its cost is parallelism: B * H programs (2048
-# for ENAT-L training, B = 128, H = 16), so small B * H leave SMs idle. The alternative without atomics,
-# a dK/dV kernel over key tiles plus a dQ kernel over query tiles (Triton's fused-attention tutorial),
-# has B * H * tiles programs but 7 products per tile pair instead of 5.
-# Autotuning is keyed on the head dim, the precision and the power-of-two buckets of Lq and Lc + Ls; the
-# configs are those that compile without spills and within shared memory on sm_80 and sm_90
-# (tests/test_gpu_targets.py), per target (`target_configs`).
+# dK and dV of the key tile stay in registers and are stored once. dQ gathers over the key tiles in an
+# fp32 scratch of (B, H, Lq, BLOCK_D) that the program reads, adds to and writes back (the first key
+# tile writes without reading; a barrier per key tile orders the program's own writes and reads), and
+# finally scales into dQ. This is FlashAttention-2's algorithm and memory traffic with its atomic dQ
+# adds replaced by owned read-modify-writes. Its costs: parallelism, B * H programs (2048 for ENAT-L
+# training, B = 128, H = 16; small B * H leave SMs idle); and registers. Where the two fp32
+# accumulators, the dQ tile and the operands do not fit 255 registers without spilling (sm_80 at head
+# dim 64; head dim 128; ENAT-S's unaligned rows), the products are split over launches of the same
+# kernel, each of which walks every tile pair again (BACKWARD_PLANS): (dV, dK) then dQ computes S^T and
+# dP^T twice, 7 products per tile pair like Triton's fused-attention tutorial; one launch per gradient
+# computes S^T three times and dP^T twice, 8. The alternative without atomics, a dK/dV kernel over key
+# tiles plus a dQ kernel over query tiles, has B * H * tiles programs but also 7 products.
+#
+# Configs are listed per target family (sm_80, sm_90), products (tensor cores or fp32 FMA), padded head
+# dim and, in the backward, row alignment and launch; autotuning tries the launch's list, keyed on those
+# and on the power-of-two buckets of Lq and Lc + Ls. tests/test_gpu_targets.py compiles every listed
+# config for its target and fails on a spill, on more than 255 registers, on shared memory over the
+# target's limit or on an fp16/bf16 product not on tensor cores. Exact fp32 products spill at head dims
+# of 64 and up in every tile (docs/OPS.md, Triton kernels: resources).
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_D = 128
-SMALL_LQ = 128
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+# The backward's launch plans, each launch with the gradients it accumulates (see above): one pass of the
+# five products, (dV, dK) then dQ (7 products), or one per gradient (8). BACKWARD_PLANS picks per target.
+ONE_PASS = (("dV", "dK", "dQ"),)
+KV_THEN_Q = (("dV", "dK"), ("dQ",))
+PER_GRADIENT = (("dV",), ("dK",), ("dQ",))
 
 if triton is not None:
 
@@ -161,15 +174,26 @@ if triton is not None:
         return base + rows[:, None].to(tl.int64) * stride_l
 
     @triton.jit
-    def _load(row_ptrs, offs_d, row_ok, D, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
-        """A [rows, BLOCK_D] tile, zero where a row or column is out of range; unmasked when neither can be."""
+    def _load(row_ptrs, offs_d, row_ok, D, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr, ALIGNED: tl.constexpr):
+        """A [rows, BLOCK_D] tile, zero where a row or column is out of range; unmasked when neither can be.
+        Unaligned rows with padded columns read column D - 1 in their place and zero it in registers, so
+        that the element-wise loads need one predicate per row, not one per element."""
+        if EVEN_D or ALIGNED:
+            cols = offs_d
+        else:
+            cols = tl.minimum(offs_d, D - 1)
+        ptrs = row_ptrs + cols[None, :]
+        if EVEN_D or not ALIGNED:
+            if MASK_ROWS:
+                tile = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+            else:
+                tile = tl.load(ptrs)
+            if not EVEN_D:
+                tile = tl.where(offs_d[None, :] < D, tile, 0.0)
+            return tile
         if MASK_ROWS:
-            if EVEN_D:
-                return tl.load(row_ptrs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            return tl.load(row_ptrs + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        if EVEN_D:
-            return tl.load(row_ptrs + offs_d[None, :])
-        return tl.load(row_ptrs + offs_d[None, :], mask=offs_d[None, :] < D, other=0.0)
+            return tl.load(ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        return tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
 
     @triton.jit
     def _store(row_ptrs, offs_d, row_ok, D, value, EVEN_D: tl.constexpr):
@@ -203,64 +227,89 @@ if triton is not None:
 
     @triton.jit
     def _fwd_segment(acc, m_i, l_i, q, k_base, v_base, sk_l, sv_l, L, D, qk_scale, offs_d,
-                     BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, PREFETCH: tl.constexpr, NEG_SCALE: tl.constexpr,
+                     BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, ALIGNED: tl.constexpr, NEG_SCALE: tl.constexpr,
                      PRECISION: tl.constexpr):
-        """Fold the L keys of one segment: full tiles unmasked, then the partial one. Triton pipelines the
-        full tiles' loads (cp.async, TMA) when the rows allow 4-byte or wider copies; rows that do not
-        (PREFETCH: ENAT-S's head dim 61 in the model's layout starts rows at 2-byte boundaries) are
-        pipelined here instead, each tile loaded into registers while the previous one is used."""
+        """Fold the L keys of one segment: full tiles unmasked, then the partial one. Unaligned rows, whose
+        loads Triton cannot pipeline, are pipelined here: each tile is loaded into registers while the
+        previous one is used."""
         full = L - L % BLOCK_N
         n = tl.arange(0, BLOCK_N)
-        if PREFETCH:
-            k_next = _load(_rows(k_base, n, sk_l), offs_d, n < full, D, True, EVEN_D)
-            v_next = _load(_rows(v_base, n, sv_l), offs_d, n < full, D, True, EVEN_D)
+        if ALIGNED:
+            for start in range(0, full, BLOCK_N):
+                k = _load(_rows(k_base, start + n, sk_l), offs_d, n, D, False, EVEN_D, ALIGNED)
+                v = _load(_rows(v_base, start + n, sv_l), offs_d, n, D, False, EVEN_D, ALIGNED)
+                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k, v, n, qk_scale, False, NEG_SCALE, PRECISION)
+        else:
+            k_next = _load(_rows(k_base, n, sk_l), offs_d, n < full, D, True, EVEN_D, ALIGNED)
+            v_next = _load(_rows(v_base, n, sv_l), offs_d, n < full, D, True, EVEN_D, ALIGNED)
             for start in range(0, full, BLOCK_N):
                 k = k_next
                 v = v_next
                 following = start + BLOCK_N + n
-                k_next = _load(_rows(k_base, following, sk_l), offs_d, following < full, D, True, EVEN_D)
-                v_next = _load(_rows(v_base, following, sv_l), offs_d, following < full, D, True, EVEN_D)
-                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k, v, n, qk_scale, False, NEG_SCALE, PRECISION)
-        else:
-            for start in range(0, full, BLOCK_N):
-                k = _load(_rows(k_base, start + n, sk_l), offs_d, n, D, False, EVEN_D)
-                v = _load(_rows(v_base, start + n, sv_l), offs_d, n, D, False, EVEN_D)
+                k_next = _load(_rows(k_base, following, sk_l), offs_d, following < full, D, True, EVEN_D, ALIGNED)
+                v_next = _load(_rows(v_base, following, sv_l), offs_d, following < full, D, True, EVEN_D, ALIGNED)
                 acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k, v, n, qk_scale, False, NEG_SCALE, PRECISION)
         if full < L:
             n_ok = full + n < L
-            k = _load(_rows(k_base, full + n, sk_l), offs_d, n_ok, D, True, EVEN_D)
-            v = _load(_rows(v_base, full + n, sv_l), offs_d, n_ok, D, True, EVEN_D)
+            k = _load(_rows(k_base, full + n, sk_l), offs_d, n_ok, D, True, EVEN_D, ALIGNED)
+            v = _load(_rows(v_base, full + n, sv_l), offs_d, n_ok, D, True, EVEN_D, ALIGNED)
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k, v, n_ok, qk_scale, True, NEG_SCALE, PRECISION)
         return acc, m_i, l_i
 
-    def _prune_by_lq(configs, named_args, **kwargs):
+    _CONFIGS = {}
+
+    def _config(block_m, block_n, warps, stages):
+        """One triton.Config object per (BLOCK_M, BLOCK_N, warps, stages): the lists below share them."""
+        key = (block_m, block_n, warps, stages)
+        if key not in _CONFIGS:
+            _CONFIGS[key] = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps,
+                                          num_stages=stages)
+        return _CONFIGS[key]
+
+    def _table(rows):
+        """{(family, products, padded head dim): [configs]} from (family, products, head dims, configs) rows."""
+        return {(family, products, d): [_config(*c) for c in configs]
+                for family, products, dims, configs in rows for d in dims}
+
+    def _union(table):
+        configs = []
+        for listed in table.values():
+            configs += [c for c in listed if not any(c is k for k in configs)]
+        return configs
+
+    def _lookup(table):
+        """configs_for(family, **meta) of a table keyed by target family, products and padded head dim."""
+
+        def configs_for(family, BLOCK_D, PRECISION, **meta):
+            return table[family, "fp32" if PRECISION == "ieee" else "mma", BLOCK_D]
+
+        return configs_for
+
+    def _prune_by_lq(configs, named_args):
         """Drop query tiles larger than the query range needs (keep the smallest if none fit)."""
         fit = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, named_args["LQ_KEY"])]
         return fit or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
 
-    def _prune_by_lk(configs, named_args, **kwargs):
-        """Drop key tiles larger than the key range needs (keep the smallest if none fit)."""
-        fit = [c for c in configs if c.kwargs["BLOCK_N"] <= max(16, named_args["LK_KEY"])]
-        return fit or [min(configs, key=lambda c: c.kwargs["BLOCK_N"])]
+    # (BLOCK_M, BLOCK_N, warps, stages). On sm_90 the query tile is 64 or 128 rows, so that both products
+    # are warp-group MMAs (wgmma's M is 64 per warp group); 16- or 32-row tiles would fall back to
+    # mma.sync. The reuse encoder's short query ranges (Lq of 5 to 48 at 256 px, 8 steps) lose nothing
+    # by it: a (batch, head)'s queries still fit one tile, so K and V are read once as with smaller
+    # tiles, and at 64 query rows the tile does 64 FLOPs per byte of K/V it reads, under the H100's
+    # roughly 300, so that it is bound by those reads, not by the padded rows' products. On sm_80 (Triton
+    # emits mma.sync whatever the tile) head dim 128 takes 16- and 32-row tiles, whose accumulators and
+    # operands fit the registers.
+    FORWARD_TABLE = _table([
+        ("sm90", "mma", (16, 32, 64, 128), [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 32, 4, 4)]),
+        ("sm80", "mma", (16, 32, 64), [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4)]),
+        ("sm80", "mma", (128,), [(32, 64, 4, 3), (16, 64, 4, 3), (32, 32, 4, 2)]),
+        ("sm90", "fp32", (16, 32, 64, 128), [(16, 64, 4, 2), (32, 32, 4, 2)]),
+        ("sm80", "fp32", (16, 32, 64, 128), [(16, 64, 4, 2), (32, 32, 4, 2)]),
+    ])
+    FORWARD_CONFIGS = _union(FORWARD_TABLE)
 
-    FORWARD_CONFIGS = [
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-    ]
-
-    @triton.autotune(configs=triton_utils.autotune_configs(FORWARD_CONFIGS),
-                     key=["LQ_KEY", "LK_KEY", "BLOCK_D", "EVEN_D", "PREFETCH", "PRECISION"],
-                     prune_configs_by={"early_config_prune": _prune_by_lq})
+    @triton_utils.target_autotune(FORWARD_CONFIGS,
+                                  key=["LQ_KEY", "LK_KEY", "BLOCK_D", "EVEN_D", "ALIGNED", "PRECISION"],
+                                  configs_for=_lookup(FORWARD_TABLE), prune=_prune_by_lq)
     @triton.jit
     def _attention_fwd_kernel(
         q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, out_ptr, lse_ptr,
@@ -268,7 +317,7 @@ if triton is not None:
         sq_b, sq_h, sq_l, skc_b, skc_h, skc_l, svc_b, svc_h, svc_l,
         sks_b, sks_h, sks_l, svs_b, svs_h, svs_l, so_b, so_h, so_l,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-        PREFETCH: tl.constexpr, NEG_SCALE: tl.constexpr, PRECISION: tl.constexpr,
+        ALIGNED: tl.constexpr, NEG_SCALE: tl.constexpr, PRECISION: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -276,15 +325,15 @@ if triton is not None:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         m_ok = offs_m < Lq
-        q = _load(_rows(q_ptr + b * sq_b + h * sq_h, offs_m, sq_l), offs_d, m_ok, D, True, EVEN_D)
+        q = _load(_rows(q_ptr + b * sq_b + h * sq_h, offs_m, sq_l), offs_d, m_ok, D, True, EVEN_D, ALIGNED)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, kc_ptr + b * skc_b + h * skc_h, vc_ptr + b * svc_b + h * svc_h,
-                                     skc_l, svc_l, Lc, D, qk_scale, offs_d, BLOCK_N, EVEN_D, PREFETCH, NEG_SCALE,
+                                     skc_l, svc_l, Lc, D, qk_scale, offs_d, BLOCK_N, EVEN_D, ALIGNED, NEG_SCALE,
                                      PRECISION)
         acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, ks_ptr + b * sks_b + h * sks_h, vs_ptr + b * svs_b + h * svs_h,
-                                     sks_l, svs_l, Ls, D, qk_scale, offs_d, BLOCK_N, EVEN_D, PREFETCH, NEG_SCALE,
+                                     sks_l, svs_l, Ls, D, qk_scale, offs_d, BLOCK_N, EVEN_D, ALIGNED, NEG_SCALE,
                                      PRECISION)
         out = acc * (1.0 / l_i)[:, None]
         _store(_rows(out_ptr + b * so_b + h * so_h, offs_m, so_l), offs_d, m_ok, D, out, EVEN_D)
@@ -292,30 +341,31 @@ if triton is not None:
 
     @triton.jit
     def _attention_bwd_delta_kernel(out_ptr, do_ptr, delta_ptr, H, Lq, D, so_b, so_h, so_l, sdo_b, sdo_h, sdo_l,
-                                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+                                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                                    ALIGNED: tl.constexpr):
         """delta = rowsum(dO * O) of BLOCK_M query rows of one (batch, head), fp32."""
         bh = tl.program_id(1)
         b, h = _batch_head(bh, H)
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         m_ok = offs_m < Lq
-        o = _load(_rows(out_ptr + b * so_b + h * so_h, offs_m, so_l), offs_d, m_ok, D, True, EVEN_D)
-        do = _load(_rows(do_ptr + b * sdo_b + h * sdo_h, offs_m, sdo_l), offs_d, m_ok, D, True, EVEN_D)
+        o = _load(_rows(out_ptr + b * so_b + h * so_h, offs_m, so_l), offs_d, m_ok, D, True, EVEN_D, ALIGNED)
+        do = _load(_rows(do_ptr + b * sdo_b + h * sdo_h, offs_m, sdo_l), offs_d, m_ok, D, True, EVEN_D, ALIGNED)
         tl.store(delta_ptr + bh.to(tl.int64) * Lq + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=m_ok)
 
     @triton.jit
-    def _bwd_query_tile(dk, dv, k, v, q_base, do_base, lse_row, delta_row, dq_base, dqs_base, sq_l, sdo_l, sdq_l,
-                        sdqs_l, start, first, last, n_ok, Lq, D, qk_scale, scale, offs_d, BLOCK_M: tl.constexpr,
-                        KEY_MASK: tl.constexpr, QUERY_MASK: tl.constexpr, EVEN_D: tl.constexpr, DV: tl.constexpr,
+    def _bwd_query_tile(dk, dv, k, v, q_base, do_base, lse_row, delta_row, dqs_base, sq_l, sdo_l, start, first,
+                        n_ok, Lq, D, qk_scale, offs_d, BLOCK_M: tl.constexpr, KEY_MASK: tl.constexpr,
+                        QUERY_MASK: tl.constexpr, EVEN_D: tl.constexpr, ALIGNED: tl.constexpr, DV: tl.constexpr,
                         DK: tl.constexpr, DQ: tl.constexpr, PRECISION: tl.constexpr):
         """Query tile [start, start + BLOCK_M) against a key tile (k, v): adds its shares to dV (DV), dK (DK)
-        and to dQ (DQ: in the fp32 scratch, or dQ itself at the last key tile). Query rows past Lq hold
-        q = dO = lse = delta = 0 and contribute nothing; key rows past the segment (KEY_MASK) get P = 0,
-        since exp2(-lse2) may overflow there."""
+        and to the fp32 dQ scratch (DQ; written without reading it at the `first` key tile). Query rows
+        past Lq hold q = dO = lse = delta = 0 and contribute nothing; key rows past the segment (KEY_MASK)
+        get P = 0, since exp2(-lse2) may overflow there."""
         offs_m = start + tl.arange(0, BLOCK_M)
         m_ok = offs_m < Lq
-        q = _load(_rows(q_base, offs_m, sq_l), offs_d, m_ok, D, QUERY_MASK, EVEN_D)
-        do = _load(_rows(do_base, offs_m, sdo_l), offs_d, m_ok, D, QUERY_MASK, EVEN_D)
+        q = _load(_rows(q_base, offs_m, sq_l), offs_d, m_ok, D, QUERY_MASK, EVEN_D, ALIGNED)
+        do = _load(_rows(do_base, offs_m, sdo_l), offs_d, m_ok, D, QUERY_MASK, EVEN_D, ALIGNED)
         if QUERY_MASK:
             lse2 = tl.load(lse_row + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
         else:
@@ -335,77 +385,100 @@ if triton is not None:
             if DK:
                 dk = tl.dot(ds_t, q, acc=dk, input_precision=PRECISION)
             if DQ:
-                # dQ^T [BLOCK_D, BLOCK_M] += K^T dS^T: the scratch rows are query rows, so the tile is transposed.
-                dqs = dqs_base + offs_m[None, :].to(tl.int64) * sdqs_l + offs_d[:, None]
-                tile_ok = m_ok[None, :] & (offs_d[:, None] < D)
-                dq_t = tl.load(dqs, mask=tile_ok & (first == 0), other=0.0)
-                dq_t = tl.dot(tl.trans(k), ds_t, acc=dq_t, input_precision=PRECISION)
-                tl.store(dqs, dq_t, mask=tile_ok & (last == 0))
-                dq = dq_base + offs_m[None, :].to(tl.int64) * sdq_l + offs_d[:, None]
-                tl.store(dq, (dq_t * scale).to(dq_base.dtype.element_ty), mask=tile_ok & (last != 0))
+                # dQ^T [BLOCK_D, BLOCK_M] += K^T dS^T, the scratch's rows (query rows) read transposed.
+                dqs = dqs_base + offs_m[None, :].to(tl.int64) * offs_d.shape[0] + offs_d[:, None]
+                if QUERY_MASK:
+                    dq_t = tl.load(dqs, mask=m_ok[None, :] & (first == 0), other=0.0)
+                    dq_t = tl.dot(tl.trans(k), ds_t, acc=dq_t, input_precision=PRECISION)
+                    tl.store(dqs, dq_t, mask=m_ok[None, :])
+                else:
+                    dq_t = tl.load(dqs, mask=(first == 0) & (offs_d[:, None] >= 0), other=0.0)
+                    dq_t = tl.dot(tl.trans(k), ds_t, acc=dq_t, input_precision=PRECISION)
+                    tl.store(dqs, dq_t)
         return dk, dv
 
     @triton.jit
-    def _bwd_key_tile(q_base, do_base, lse_row, delta_row, dq_base, dqs_base, k_base, v_base, dk_base, dv_base,
-                      sq_l, sdo_l, sdq_l, sdqs_l, sk_l, sv_l, sdk_l, sdv_l, start, L, first, last, Lq, D,
-                      qk_scale, scale, offs_d, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_MASK: tl.constexpr,
-                      EVEN_D: tl.constexpr, DV: tl.constexpr, DK: tl.constexpr, DQ: tl.constexpr,
+    def _bwd_key_tile(q_base, do_base, lse_row, delta_row, dqs_base, k_base, v_base, dk_base, dv_base, sq_l, sdo_l,
+                      sk_l, sv_l, sdk_l, sdv_l, start, L, first, Lq, D, qk_scale, scale, offs_d,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_MASK: tl.constexpr, EVEN_D: tl.constexpr,
+                      ALIGNED: tl.constexpr, DV: tl.constexpr, DK: tl.constexpr, DQ: tl.constexpr,
                       PRECISION: tl.constexpr):
         """Key tile [start, start + BLOCK_N) of one segment of L keys against every query tile (full tiles
         unmasked, then the partial one): stores its dV (DV) and dK (DK), adds its shares of dQ (DQ)."""
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < L
-        k = _load(_rows(k_base, n, sk_l), offs_d, n_ok, D, KEY_MASK, EVEN_D)
+        k = _load(_rows(k_base, n, sk_l), offs_d, n_ok, D, KEY_MASK, EVEN_D, ALIGNED)
         v = k
         if DK or DQ:
-            v = _load(_rows(v_base, n, sv_l), offs_d, n_ok, D, KEY_MASK, EVEN_D)
+            v = _load(_rows(v_base, n, sv_l), offs_d, n_ok, D, KEY_MASK, EVEN_D, ALIGNED)
         dk = tl.zeros(k.shape, tl.float32)
         dv = tl.zeros(k.shape, tl.float32)
         if DQ:
             tl.debug_barrier()  # orders the previous key tile's dQ scratch writes before this one's reads
         full = Lq - Lq % BLOCK_M
         for m0 in range(0, full, BLOCK_M):
-            dk, dv = _bwd_query_tile(dk, dv, k, v, q_base, do_base, lse_row, delta_row, dq_base, dqs_base, sq_l,
-                                     sdo_l, sdq_l, sdqs_l, m0, first, last, n_ok, Lq, D, qk_scale, scale, offs_d,
-                                     BLOCK_M, KEY_MASK, False, EVEN_D, DV, DK, DQ, PRECISION)
+            dk, dv = _bwd_query_tile(dk, dv, k, v, q_base, do_base, lse_row, delta_row, dqs_base, sq_l, sdo_l, m0,
+                                     first, n_ok, Lq, D, qk_scale, offs_d, BLOCK_M, KEY_MASK, False, EVEN_D, ALIGNED,
+                                     DV, DK, DQ, PRECISION)
         if full < Lq:
-            dk, dv = _bwd_query_tile(dk, dv, k, v, q_base, do_base, lse_row, delta_row, dq_base, dqs_base, sq_l,
-                                     sdo_l, sdq_l, sdqs_l, full, first, last, n_ok, Lq, D, qk_scale, scale, offs_d,
-                                     BLOCK_M, KEY_MASK, True, EVEN_D, DV, DK, DQ, PRECISION)
+            dk, dv = _bwd_query_tile(dk, dv, k, v, q_base, do_base, lse_row, delta_row, dqs_base, sq_l, sdo_l, full,
+                                     first, n_ok, Lq, D, qk_scale, offs_d, BLOCK_M, KEY_MASK, True, EVEN_D, ALIGNED,
+                                     DV, DK, DQ, PRECISION)
         if DV:
             _store(_rows(dv_base, n, sdv_l), offs_d, n_ok, D, dv, EVEN_D)
         if DK:
             _store(_rows(dk_base, n, sdk_l), offs_d, n_ok, D, dk * scale, EVEN_D)
 
-    BACKWARD_CONFIGS = [
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=1),
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=8, num_stages=1),
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=1),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=2, num_stages=2),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=2, num_stages=1),
-    ]
+    # (BLOCK_M, BLOCK_N, warps, stages): 64 or 128 key rows (the M of four of the five products), one warp
+    # group per 64 (more warps would compute the same rows twice: Triton keeps chained products' warps
+    # along M); 16 query rows, which keep the fp32 accumulators and the dQ tile in registers. Per target
+    # family, products, padded head dim and row alignment: the launches (see above) and each one's configs.
+    def _launches(plan, *configs):
+        """{products: [configs]}: the launches of `plan` (ONE_PASS, KV_THEN_Q, PER_GRADIENT), each with its
+        configs (one tuple of them for every launch, or one per launch)."""
+        configs = configs if len(configs) == len(plan) else configs * len(plan)
+        return {products: [_config(*c) for c in listed] for products, listed in zip(plan, configs)}
 
-    @triton.autotune(
-        configs=triton_utils.autotune_configs(BACKWARD_CONFIGS),
-        key=["LQ_KEY", "LK_KEY", "BLOCK_D", "EVEN_D", "DV", "DK", "DQ", "PRECISION"],
-    )
+    _ONE = ((16, 128, 8, 2), (16, 64, 4, 1), (16, 128, 8, 1))
+    _W8 = ((16, 128, 8, 1),)
+    BACKWARD_PLANS = {
+        ("sm90", "mma", 64, True): _launches(ONE_PASS, _ONE),
+        ("sm90", "mma", 64, False): _launches(PER_GRADIENT, _W8 + ((16, 64, 4, 1),), ((16, 64, 4, 1), (16, 64, 4, 2)),
+                                              _W8),
+        ("sm90", "mma", 128, True): _launches(PER_GRADIENT, _ONE + ((32, 128, 8, 2),)),
+        ("sm80", "mma", 64, True): _launches(KV_THEN_Q, ((16, 128, 8, 1), (16, 64, 4, 2))),
+        ("sm80", "mma", 64, False): _launches(PER_GRADIENT, _W8),
+        ("sm80", "mma", 128, True): _launches(PER_GRADIENT, ((16, 128, 8, 2), (16, 128, 8, 1))),
+    }
+    # Unaligned rows at head dim 128 as aligned ones; fp32 (FMA products) one launch per gradient.
+    BACKWARD_PLANS.update({(family, "mma", 128, False): BACKWARD_PLANS[family, "mma", 128, True]
+                           for family in ("sm80", "sm90")})
+    BACKWARD_PLANS.update({(family, "fp32", block_d, aligned): _launches(PER_GRADIENT, ((16, 64, 4, 1),))
+                           for family in ("sm80", "sm90") for block_d in (64, 128) for aligned in (True, False)})
+    BACKWARD_CONFIGS = _union({(key, products): configs for key, plan in BACKWARD_PLANS.items()
+                               for products, configs in plan.items()})
+
+    def _backward_configs_for(family, BLOCK_D, PRECISION, ALIGNED, DV, DK, DQ, **meta):
+        plan = BACKWARD_PLANS[family, "fp32" if PRECISION == "ieee" else "mma", BLOCK_D, ALIGNED]
+        return plan[tuple(name for name, on in (("dV", DV), ("dK", DK), ("dQ", DQ)) if on)]
+
+    @triton_utils.target_autotune(BACKWARD_CONFIGS,
+                                  key=["LQ_KEY", "LK_KEY", "BLOCK_D", "EVEN_D", "ALIGNED", "DV", "DK", "DQ",
+                                       "PRECISION"],
+                                  configs_for=_backward_configs_for)
     @triton.jit
     def _attention_bwd_kernel(
         q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, do_ptr, lse_ptr, delta_ptr,
         dq_ptr, dqs_ptr, dkc_ptr, dvc_ptr, dks_ptr, dvs_ptr,
         H, Lq, Lc, Ls, D, qk_scale, scale, LQ_KEY, LK_KEY,
         sq_b, sq_h, sq_l, skc_b, skc_h, skc_l, svc_b, svc_h, svc_l, sks_b, sks_h, sks_l, svs_b, svs_h, svs_l,
-        sdo_b, sdo_h, sdo_l, sdq_b, sdq_h, sdq_l, sdqs_b, sdqs_h, sdqs_l, sdkc_b, sdkc_h, sdkc_l,
+        sdo_b, sdo_h, sdo_l, sdq_b, sdq_h, sdq_l, sdkc_b, sdkc_h, sdkc_l,
         sdvc_b, sdvc_h, sdvc_l, sdks_b, sdks_h, sdks_l, sdvs_b, sdvs_h, sdvs_l,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-        DV: tl.constexpr, DK: tl.constexpr, DQ: tl.constexpr, PRECISION: tl.constexpr,
+        ALIGNED: tl.constexpr, DV: tl.constexpr, DK: tl.constexpr, DQ: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        """All gradients of one (batch, head): the key tiles of the context, then of the self segment (one
-        loop, each segment from its own pointers), each against every query tile."""
+        """The gradients DV, DK, DQ of one (batch, head): the key tiles of the context, then of the self
+        segment (one loop, each segment from its own pointers), each against every query tile."""
         bh = tl.program_id(0)
         b, h = _batch_head(bh, H)
         offs_d = tl.arange(0, BLOCK_D)
@@ -413,8 +486,7 @@ if triton is not None:
         do_base = do_ptr + b * sdo_b + h * sdo_h
         lse_row = lse_ptr + bh.to(tl.int64) * Lq
         delta_row = delta_ptr + bh.to(tl.int64) * Lq
-        dq_base = dq_ptr + b * sdq_b + h * sdq_h
-        dqs_base = dqs_ptr + b * sdqs_b + h * sdqs_h
+        dqs_base = dqs_ptr + bh.to(tl.int64) * Lq * BLOCK_D  # the fp32 dQ scratch, (B * H, Lq, BLOCK_D)
         for segment in range(2):
             ctx = segment == 0
             k_base = tl.where(ctx, kc_ptr + b * skc_b + h * skc_h, ks_ptr + b * sks_b + h * sks_h)
@@ -426,19 +498,24 @@ if triton is not None:
             sdk_l = tl.where(ctx, sdkc_l, sdks_l)
             sdv_l = tl.where(ctx, sdvc_l, sdvs_l)
             L = tl.where(ctx, Lc, Ls)
-            first_segment = ctx | (Lc == 0)  # dQ: the first key tile writes the scratch without reading it,
-            last_segment = (~ctx) | (Ls == 0)  # the last one writes dQ itself
+            first_segment = ctx | (Lc == 0)  # its first key tile writes the dQ scratch without reading it
             full = L - L % BLOCK_N
             for start in range(0, full, BLOCK_N):
-                _bwd_key_tile(q_base, do_base, lse_row, delta_row, dq_base, dqs_base, k_base, v_base, dk_base,
-                              dv_base, sq_l, sdo_l, sdq_l, sdqs_l, sk_l, sv_l, sdk_l, sdv_l, start, L,
-                              (start == 0) & first_segment, (start + BLOCK_N >= L) & last_segment, Lq, D, qk_scale,
-                              scale, offs_d, BLOCK_M, BLOCK_N, False, EVEN_D, DV, DK, DQ, PRECISION)
+                _bwd_key_tile(q_base, do_base, lse_row, delta_row, dqs_base, k_base, v_base, dk_base, dv_base, sq_l,
+                              sdo_l, sk_l, sv_l, sdk_l, sdv_l, start, L, (start == 0) & first_segment, Lq, D,
+                              qk_scale, scale, offs_d, BLOCK_M, BLOCK_N, False, EVEN_D, ALIGNED, DV, DK, DQ, PRECISION)
             if full < L:
-                _bwd_key_tile(q_base, do_base, lse_row, delta_row, dq_base, dqs_base, k_base, v_base, dk_base,
-                              dv_base, sq_l, sdo_l, sdq_l, sdqs_l, sk_l, sv_l, sdk_l, sdv_l, full, L,
-                              (full == 0) & first_segment, last_segment, Lq, D, qk_scale, scale, offs_d, BLOCK_M,
-                              BLOCK_N, True, EVEN_D, DV, DK, DQ, PRECISION)
+                _bwd_key_tile(q_base, do_base, lse_row, delta_row, dqs_base, k_base, v_base, dk_base, dv_base, sq_l,
+                              sdo_l, sk_l, sv_l, sdk_l, sdv_l, full, L, (full == 0) & first_segment, Lq, D,
+                              qk_scale, scale, offs_d, BLOCK_M, BLOCK_N, True, EVEN_D, ALIGNED, DV, DK, DQ, PRECISION)
+        if DQ:  # dQ = scale * the scratch, in dQ's dtype
+            tl.debug_barrier()
+            dq_base = dq_ptr + b * sdq_b + h * sdq_h
+            for start in range(0, Lq, BLOCK_M):
+                offs_m = start + tl.arange(0, BLOCK_M)
+                m_ok = offs_m < Lq
+                dq = tl.load(dqs_base + offs_m[:, None].to(tl.int64) * BLOCK_D + offs_d[None, :], mask=m_ok[:, None])
+                _store(_rows(dq_base, offs_m, sdq_l), offs_d, m_ok, D, dq * scale, EVEN_D)
 
 
 def _bucket(n):
@@ -446,33 +523,24 @@ def _bucket(n):
     return min(triton.next_power_of_2(max(int(n), 1)), 1024)
 
 
-def _triton_meta(q, min_block_d=16):
-    """Padded head dim and dot precision: exact fp32 products for fp32 inputs (no TF32)."""
+def _triton_meta(tensors, min_block_d=16):
+    """Padded head dim, whether every row of the (B, H, L, D) `tensors` is 16-byte aligned (start and
+    length: the condition for asynchronous tile copies), and the dot precision: exact fp32 products for
+    fp32 inputs (no TF32)."""
+    q = tensors[0]
     D = q.shape[-1]
     block_d = max(min_block_d, triton.next_power_of_2(D))
-    return dict(BLOCK_D=block_d, EVEN_D=block_d == D, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-
-
-def _rows_copy_aligned(*tensors):
-    """Whether every row of every (B, H, L, D) tensor starts and ends on a 16-byte boundary, so that the
-    compiler can copy K/V tiles asynchronously (else the forward prefetches them into registers)."""
-    return all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:3])
-               and t.shape[-1] * t.element_size() % 16 == 0 for t in tensors)
+    aligned = all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:3])
+                  for t in tensors) and D * q.element_size() % 16 == 0
+    return dict(BLOCK_D=block_d, EVEN_D=block_d == D, ALIGNED=aligned,
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
 def _bhl_strides(*tensors):
     return [s for t in tensors for s in t.stride()[:3]]
 
 
-DELTA_BLOCK_M = 64  # query rows per program of the delta kernel
-# The backward's launches per target family and padded head dim, each with the gradients it accumulates:
-# one pass of the five products, or one launch per gradient (S^T three times, dP^T twice: 8 products
-# instead of 5) where the registers of two fp32 accumulators and the dQ tile do not fit without spills
-# (tests/test_gpu_targets.py).
-ONE_PASS = (("dV", "dK", "dQ"),)
-PER_GRADIENT = (("dV",), ("dK",), ("dQ",))
-BACKWARD_PASSES = {("sm90", 64): ONE_PASS, ("sm80", 64): ONE_PASS, ("sm90", 128): PER_GRADIENT,
-                   ("sm80", 128): PER_GRADIENT}
+DELTA_BLOCK_M = 32  # query rows per program of the delta kernel
 
 
 def asymmetric_attention_triton(q, k_ctx, v_ctx, k_self, v_self, scale, *, config=None):
@@ -487,7 +555,7 @@ def asymmetric_attention_triton(q, k_ctx, v_ctx, k_self, v_self, scale, *, confi
     buckets = _bucket(Lq), _bucket(Lc + Ls)
     args = (q, k_ctx, v_ctx, k_self, v_self, out, lse, H, Lq, Lc, Ls, D, scale * LOG2E, *buckets,
             *_bhl_strides(q, k_ctx, v_ctx, k_self, v_self, out))
-    meta = dict(_triton_meta(q), PREFETCH=not _rows_copy_aligned(k_ctx, v_ctx, k_self, v_self), NEG_SCALE=scale < 0)
+    meta = dict(_triton_meta((q, k_ctx, v_ctx, k_self, v_self)), NEG_SCALE=scale < 0)
     triton_utils.launch(_attention_fwd_kernel, lambda m: (triton.cdiv(Lq, m["BLOCK_M"]), B * H), args, meta,
                         config, (q.dtype, *buckets, *meta.values()))
     return out, lse
@@ -496,8 +564,8 @@ def asymmetric_attention_triton(q, k_ctx, v_ctx, k_self, v_self, scale, *, confi
 def asymmetric_attention_backward_triton(grad_out, q, k_ctx, v_ctx, k_self, v_self, out, lse, scale, *,
                                          config=None, passes=None):
     """Gradients on the Triton kernels: delta = rowsum(dO * O), then per pass one program per (batch,
-    head). `config` (a triton.Config) bypasses autotuning and `passes` (a value of BACKWARD_PASSES)
-    overrides the target's passes; tests use both to run every configuration of every pass."""
+    head). `config` (a triton.Config) bypasses autotuning and `passes` (ONE_PASS, KV_THEN_Q or
+    PER_GRADIENT) overrides the target's plan; tests use both to run every configuration of every pass."""
     B, H, Lq, D = q.shape
     Lc, Ls = k_ctx.shape[2], k_self.shape[2]
     grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k_ctx, v_ctx, k_self, v_self)]
@@ -505,20 +573,20 @@ def asymmetric_attention_backward_triton(grad_out, q, k_ctx, v_ctx, k_self, v_se
         return tuple(g.zero_() for g in grads)
     if grad_out.stride(-1) != 1:  # autograd may hand over an expanded gradient
         grad_out = grad_out.contiguous()
-    # Head dims below 64 run padded to 64, so that dQ^T = K^T dS^T (M = the head dim) fills a wgmma.
-    meta = _triton_meta(q, min_block_d=64)
+    delta_meta = _triton_meta((out, grad_out))
     delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     _attention_bwd_delta_kernel[(triton.cdiv(Lq, DELTA_BLOCK_M), B * H)](
         out, grad_out, delta, H, Lq, D, *_bhl_strides(out, grad_out), BLOCK_M=DELTA_BLOCK_M,
-        BLOCK_D=meta["BLOCK_D"], EVEN_D=meta["EVEN_D"])
-    dq = grads[0]
-    scratch = dq if dq.dtype == torch.float32 else torch.empty(dq.shape, dtype=torch.float32, device=dq.device)
+        BLOCK_D=delta_meta["BLOCK_D"], EVEN_D=delta_meta["EVEN_D"], ALIGNED=delta_meta["ALIGNED"])
+    meta = _triton_meta((q, k_ctx, v_ctx, k_self, v_self, grad_out), min_block_d=64)
+    scratch = torch.empty((B * H, Lq, meta["BLOCK_D"]), dtype=torch.float32, device=q.device)
     buckets = _bucket(Lq), _bucket(Lc + Ls)
-    args = (q, k_ctx, v_ctx, k_self, v_self, grad_out, lse, delta, dq, scratch, *grads[1:], H, Lq, Lc, Ls, D,
-            scale * LOG2E, scale, *buckets,
-            *_bhl_strides(q, k_ctx, v_ctx, k_self, v_self, grad_out, dq, scratch, *grads[1:]))
+    args = (q, k_ctx, v_ctx, k_self, v_self, grad_out, lse, delta, grads[0], scratch, *grads[1:], H, Lq, Lc, Ls, D,
+            scale * LOG2E, scale, *buckets, *_bhl_strides(q, k_ctx, v_ctx, k_self, v_self, grad_out, *grads))
     if passes is None:
-        passes = BACKWARD_PASSES[triton_utils.target_family(triton_utils.capability([q])), meta["BLOCK_D"]]
+        family = triton_utils.target_family(triton_utils.capability([q]))
+        products = "fp32" if meta["PRECISION"] == "ieee" else "mma"
+        passes = tuple(BACKWARD_PLANS[family, products, meta["BLOCK_D"], meta["ALIGNED"]])
     for products in passes:
         pass_meta = dict(meta, DV="dV" in products, DK="dK" in products, DQ="dQ" in products)
         triton_utils.launch(_attention_bwd_kernel, lambda m: (B * H,), args, pass_meta, config,

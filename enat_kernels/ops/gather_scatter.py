@@ -67,8 +67,8 @@ TRITON_DTYPES = (
 
 if triton is not None:
 
-    @triton.autotune(configs=triton_utils.autotune_configs(triton_utils.TOKEN_CONFIGS),
-                     key=["rows_key", "BLOCK_D", "SRC_INDEXED"])
+    @triton_utils.target_autotune(triton_utils.TOKEN_CONFIGS, key=["rows_key", "BLOCK_D", "EVEN_D", "SRC_INDEXED"],
+                                  configs_for=triton_utils.token_configs_for)
     @triton.heuristics({"BLOCK_N": triton_utils.block_rows("src_ptr")})
     @triton.jit
     def _copy_rows_kernel(
@@ -93,8 +93,9 @@ if triton is not None:
         dst = dst_ptr + (b * dst_stride_b + dst_row * dst_stride_l)[:, None] + columns[None, :] * dst_stride_d
         tl.store(dst, tl.load(src, mask=m, eviction_policy="evict_first"), mask=m)
 
-    @triton.autotune(configs=triton_utils.autotune_configs(triton_utils.TOKEN_CONFIGS),
-                     key=["rows_key", "BLOCK_D", "HAS_BASE", "HAS_SRC"])
+    @triton_utils.target_autotune(triton_utils.TOKEN_CONFIGS,
+                                  key=["rows_key", "BLOCK_D", "EVEN_D", "HAS_BASE", "HAS_SRC"],
+                                  configs_for=triton_utils.token_configs_for)
     @triton.heuristics({"BLOCK_N": triton_utils.block_rows("out_ptr")})
     @triton.jit
     def _scatter_rows_kernel(

@@ -22,17 +22,16 @@ def mask_to_index_reference(mask, count):
 
 
 # Triton: one program per row; the rank of each True entry is a running prefix sum over the row, taken
-# MASK_CHUNK positions at a time (so that the registers do not grow with L), and the entry is written to
-# that slot. Slots past the row's True count (a broken precondition) get L.
+# 2048 positions at a time (so that the registers do not grow with L), and the entry is written to that
+# slot. Slots past the row's True count (a broken precondition) get L.
 
 TRITON_MAX_L = 1 << 16
-MASK_CHUNK = 2048
 
 if triton is not None:
 
     @triton.jit
     def _mask_to_index_kernel(mask_ptr, out_ptr, L, count, sm_b, sm_l, so_b, BLOCK_L: tl.constexpr):
-        CHUNK: tl.constexpr = BLOCK_L if BLOCK_L < MASK_CHUNK else MASK_CHUNK
+        CHUNK: tl.constexpr = BLOCK_L if BLOCK_L < 2048 else 2048
         b = tl.program_id(0).to(tl.int64)
         out_row = out_ptr + b * so_b
         total = 0

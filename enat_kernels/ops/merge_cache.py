@@ -55,8 +55,8 @@ def merge_cache_backward_reference(grad, fresh_index, cached_index):
 
 if triton is not None:
 
-    @triton.autotune(configs=triton_utils.autotune_configs(triton_utils.TOKEN_CONFIGS),
-                     key=["rows_key", "BLOCK_D", "FORWARD"])
+    @triton_utils.target_autotune(triton_utils.TOKEN_CONFIGS, key=["rows_key", "BLOCK_D", "EVEN_D", "FORWARD"],
+                                  configs_for=triton_utils.token_configs_for)
     @triton.heuristics({"BLOCK_N": triton_utils.block_rows("merged_ptr")})
     @triton.jit
     def _merge_rows_kernel(

@@ -45,8 +45,8 @@ def restore_tokens_reference(visible, masked, mask):
 
 if triton is not None:
 
-    @triton.autotune(configs=triton_utils.autotune_configs(triton_utils.TOKEN_CONFIGS),
-                     key=["rows_key", "BLOCK_D", "SPLIT"])
+    @triton_utils.target_autotune(triton_utils.TOKEN_CONFIGS, key=["rows_key", "BLOCK_D", "EVEN_D", "SPLIT"],
+                                  configs_for=triton_utils.token_configs_for)
     @triton.heuristics({"BLOCK_N": triton_utils.block_rows("x_ptr")})
     @triton.jit
     def _split_restore_kernel(
