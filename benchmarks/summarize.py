@@ -116,6 +116,16 @@ def _eager(r):
     return r.get("eager_s") or r.get("median_s")
 
 
+def _present(names, rows):
+    """The names (providers) that any row has, in order."""
+    return [n for n in names if any(n in providers for _, providers in rows)]
+
+
+def _times(providers, columns):
+    """One time cell per column: the provider's time in us, or '-'."""
+    return " ".join(f"{_time(_seconds(providers[p])) if p in providers else '-':>9}" for p in columns)
+
+
 def _best(providers, names):
     """The fastest (images/s) of the named providers present, as (name, record), or None."""
     present = [(n, providers[n]) for n in names if providers.get(n, {}).get("images/s")]
@@ -128,7 +138,7 @@ def _generation_table(rows, ceiling, targets, on_gpu, write):
     and over the paper-style path; the generation targets."""
     names = ["enat", "enat-graph", "enat+pixels", "enat-graph+pixels", "torch", "torch-graph", "paper-style",
              "enat-no-reuse", "plain-nat"]
-    columns = [n for n in names if any(n in providers for _, providers in rows)]
+    columns = _present(names, rows)
     write(f"  {'model':<24} {'shape':<9} " + " ".join(f"{n:>12}" for n in columns)
           + "   best enat: TFLOP/s  of ceiling  peak GB  vs torch  vs paper-style   (images/s)")
     for key, providers in rows:
@@ -165,23 +175,20 @@ def _generation_table(rows, ceiling, targets, on_gpu, write):
         write(" ".join(cells) + ("  " + " ".join(checks) if checks else ""))
 
 
-def summarize(records, write=print):
-    """Write the tables and the target lines for a list of result records (extra_info dicts)."""
-    records = [r for r in records if r.get("op")]
-    if not records:
-        write("no benchmark results")
-        return
-    env = records[0]
+def _write_header(env, on_gpu, write):
+    """The machine and versions of the run, and what the times are."""
     write(f"{env['device']}: torch {env['torch']}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, "
           f"triton {env['triton']}, python {env.get('python')}, enat_kernels {env['enat_kernels']} "
           f"(CUDA extension {'loaded' if env.get('cuda_extension') else 'absent'}, "
           f"CPU kernels {'loaded' if env.get('cpu_kernels') else 'absent'})")
-    on_gpu = any(_gpu(r) for r in records)
     write("times in us; " + ("GPU time: " + env.get("gpu_timer", "?") if on_gpu else
                              "CPU: wall-clock time is the only time (GPU targets not checked)")
           + "; eager: host + GPU latency of one synchronised call")
 
-    targets = {
+
+def _targets():
+    """The targets of the op contract, by the name the tables check them under."""
+    return {
         "fwd": Target("attention enat-triton fwd <= 1.1x sdpa (concatenated)", 1.1),
         "fwd+bwd": Target("attention enat-triton fwd+bwd <= 1.15x sdpa (concatenated)", 1.15),
         "cuda": Target("attention enat-cuda fwd <= 1.25x enat-triton fwd", 1.25),
@@ -205,10 +212,10 @@ def summarize(records, write=print):
         "train-torch": Target("training step (plain, reuse): enat-kernels ahead of torch-sdpa images/s", 1.0,
                               at_least=True),
     }
-    ceiling = next((r["TFLOP/s"] for r in records if r["op"] == "matmul ceiling" and r.get("TFLOP/s")), None)
-    agreement = [r for r in records if r["op"] == "bf16 agreement"]
-    records = [r for r in records if r["op"] not in ("matmul ceiling", "bf16 agreement")]
-    cases = _cases(records)
+
+
+def _sections(cases):
+    """{section title: [(key, providers)]}, in the order the cases come."""
     sections = {}
     for key, providers in cases.items():
         op, mode, role = key[:3]
@@ -223,8 +230,22 @@ def summarize(records, write=print):
         else:
             section = f"{op} {mode}"
         sections.setdefault(section, []).append((key, providers))
+    return sections
 
-    for section, rows in sections.items():
+
+def summarize(records, write=print):
+    """Write the tables and the target lines for a list of result records (extra_info dicts)."""
+    records = [r for r in records if r.get("op")]
+    if not records:
+        write("no benchmark results")
+        return
+    on_gpu = any(_gpu(r) for r in records)
+    _write_header(records[0], on_gpu, write)
+    targets = _targets()
+    ceiling = next((r["TFLOP/s"] for r in records if r["op"] == "matmul ceiling" and r.get("TFLOP/s")), None)
+    agreement = [r for r in records if r["op"] == "bf16 agreement"]
+    records = [r for r in records if r["op"] not in ("matmul ceiling", "bf16 agreement")]
+    for section, rows in _sections(_cases(records)).items():
         write("")
         write(section)
         if section == "generation":
@@ -261,14 +282,13 @@ def _where(key, providers):
 
 
 def _attention_table(rows, targets, on_gpu, write):
-    columns = [p for p in ATTENTION_COLUMNS if any(p in providers for _, providers in rows)]
+    columns = _present(ATTENTION_COLUMNS, rows)
     write(f"  {'dtype':<8} {'layout':<10} {'role':<20} {'shape':<30} "
           + " ".join(f"{ATTENTION_COLUMNS[p]:>9}" for p in columns)
           + "  TFLOP/s(triton|auto)  targets  eager(auto)")
     for key, providers in rows:
         op, mode, role, shape, dtype, layout = key
-        cells = [f"  {dtype:<8} {layout:<10} {role:<20} {shape:<30}"]
-        cells.append(" ".join(f"{_time(_seconds(providers[p])) if p in providers else '-':>9}" for p in columns))
+        cells = [f"  {dtype:<8} {layout:<10} {role:<20} {shape:<30}", _times(providers, columns)]
         main = providers.get("enat-triton") or providers.get("enat-auto")
         cells.append(f"  {_num(main['TFLOP/s']):>20}" if main and main.get("TFLOP/s") is not None else f"  {'-':>20}")
         checks = []
@@ -287,13 +307,12 @@ def _attention_table(rows, targets, on_gpu, write):
 
 
 def _token_table(rows, targets, on_gpu, write):
-    columns = [p for p in TOKEN_COLUMNS if any(p in providers for _, providers in rows)]
+    columns = _present(TOKEN_COLUMNS, rows)
     write(f"  {'dtype':<8} {'shape':<26} " + " ".join(f"{TOKEN_COLUMNS[p]:>9}" for p in columns)
           + "  GB/s(auto)  targets  eager(auto)")
     for key, providers in rows:
         op, mode, role, shape, dtype, layout = key
-        cells = [f"  {dtype:<8} {shape:<26}"]
-        cells.append(" ".join(f"{_time(_seconds(providers[p])) if p in providers else '-':>9}" for p in columns))
+        cells = [f"  {dtype:<8} {shape:<26}", _times(providers, columns)]
         auto = providers.get("enat-auto")
         cells.append(f"  {_num(auto['GB/s']):>10}" if auto and auto.get("GB/s") is not None else f"  {'-':>10}")
         checks = []
@@ -311,14 +330,13 @@ def _token_table(rows, targets, on_gpu, write):
 
 
 def _adaln_table(rows, write):
-    columns = [p for p in ADALN_COLUMNS if any(p in providers for _, providers in rows)]
+    columns = _present(ADALN_COLUMNS, rows)
     write(f"  {'dtype':<9} {'role':<11} {'shape':<18} " + " ".join(f"{ADALN_COLUMNS[p]:>9}" for p in columns)
           + "  GB/s(auto)  auto vs torch  eager(auto)")
     for key, providers in rows:
         op, mode, role, shape, dtype, layout = key
         auto, base = providers.get("enat-auto"), providers.get("torch")
-        cells = [f"  {dtype:<9} {role:<11} {shape:<18}",
-                 " ".join(f"{_time(_seconds(providers[p])) if p in providers else '-':>9}" for p in columns),
+        cells = [f"  {dtype:<9} {role:<11} {shape:<18}", _times(providers, columns),
                  f"  {_num(auto['GB/s']) if auto and auto.get('GB/s') is not None else '-':>10}",
                  f"  {_seconds(base) / _seconds(auto):12.2f}x" if auto and base else f"  {'-':>13}",
                  f"  {_time(_eager(auto)) if auto else '-'}"]

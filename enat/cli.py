@@ -1,13 +1,19 @@
-"""What the `python -m enat.*` commands share: devices and dtypes, the model, sampler and tokenizer flags,
-loading ENAT (the paper's checkpoints and enat.train's) and the VQGAN, torch.distributed set-up, and the
-seeded batches split over processes."""
+"""What the `python -m enat.*` commands share: devices and dtypes, the model, sampler and tokenizer flags
+and the old spellings of renamed flags, loading ENAT (the paper's checkpoints and enat.train's) and the
+VQGAN, torch.distributed set-up, reading image folders (ADM's crop, decoding workers), the seeded batches split over processes, and
+the error handling of a command's main."""
 
+import argparse
 import hashlib
 import math
 import os
+import sys
 import time
+import warnings
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 from . import vq
 from .checkpoint import load_official
@@ -30,6 +36,105 @@ class CommandError(Exception):
 
 def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_workers():
+    """Image-decoding processes: the CPUs this process may run on (os.cpu_count() where that is unknown),
+    at most 4."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(4, cpus or 1)
+
+
+def add_workers_arg(parser):
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="image decoding processes (0: in this one; default: this machine's CPUs, at most 4: "
+                             "%(default)s here)")
+
+
+def center_crop_arr(image, size):
+    """ADM's preprocessing (docs/VQ.md): halve with a box filter while the short side is >= 2 size, resize
+    the short side to `size` (bicubic), cut the centred size x size square. PIL image -> uint8 (size, size, 3)."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    while min(*image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(*image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top:top + size, left:left + size]
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Item i: (i, label, uint8 (size, size, 3) by center_crop_arr or None, None or why the file cannot be read)."""
+
+    def __init__(self, files, size):
+        self.files, self.size = files, size
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        path, label = self.files[i]
+        try:
+            with Image.open(path) as image:
+                return i, label, center_crop_arr(image, self.size), None
+        except Exception as e:  # not an image, truncated, unsupported mode: reported at the end
+            return i, label, None, f"{type(e).__name__}: {e}"
+
+
+def _collate(items):
+    return items
+
+
+def image_batches(files, size, batch_size, workers):
+    """The images of `files` ([(path, label)]) in batches: lists of _ImageFiles items, decoded by `workers`
+    processes (0: this one)."""
+    return torch.utils.data.DataLoader(_ImageFiles(files, size), batch_size=batch_size, num_workers=workers,
+                                       collate_fn=_collate)
+
+
+def progress_bar(desc, total, unit, *, initial=0, enabled=True):
+    """A tqdm progress bar on stderr (a no-op one when not `enabled`)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled)
+
+
+class _OldSpelling(argparse.Action):
+    """A renamed flag's old spelling: stores into the new flag's dest and warns (FutureWarning) that it
+    is deprecated, naming the replacement."""
+
+    def __init__(self, option_strings, dest, replacement, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.replacement = replacement
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        # attributed to the command (prog:0), not to argparse's code
+        warnings.warn_explicit(f"{option_string} is deprecated: use {self.replacement}", FutureWarning,
+                               parser.prog, 0)
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+
+
+def add_old_spelling(parser, old, new, dest, *, type=None, const=None):
+    """Accept `old` (hidden from --help) as `new`: the value (`type`), or with `const` a switch that
+    stores const (`--bf16` for `--dtype bf16`)."""
+    value = dict(type=type) if const is None else dict(nargs=0, const=const)
+    parser.add_argument(old, dest=dest, action=_OldSpelling, replacement=new if const is None else f"{new} {const}",
+                        default=argparse.SUPPRESS, help=argparse.SUPPRESS, **value)
+
+
+def run_command(prog, run, args):
+    """run(args) as a command's main: 0, or 2 with `prog: error: message` on stderr for a CommandError."""
+    try:
+        run(args)
+    except CommandError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def tiny_config(resolution):
@@ -109,13 +214,57 @@ def init_distributed(device_arg):
     device = torch.device(device_arg or default_device())
     if world <= 1:
         return 0, 1, device
-    import torch.distributed as dist
-
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world, device
+
+
+class Distributed:
+    """enat.train's processes: the process group when WORLD_SIZE > 1 (torchrun sets it), else one
+    process; the device is --device, else the local rank's GPU if there is one, else the CPU."""
+
+    def __init__(self, device_arg):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device_arg:
+            self.device = torch.device(device_arg)
+        elif torch.cuda.is_available():
+            self.device = torch.device("cuda", self.local_rank)
+        else:
+            self.device = torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.world > 1:
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def mean(self, value):
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item() / self.world
+
+    def gather(self, obj):
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self):
+        if self.world > 1:
+            dist.destroy_process_group()
 
 
 def add_model_args(parser):

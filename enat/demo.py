@@ -21,11 +21,13 @@ of at most one class. Uniformly random grids and shuffled real grids fail it.
 
 The run: a tiny ENAT (4 encoder blocks + 2 decoder blocks, width 64, 4 heads; 0.6M parameters)
 trained with enat.training (the paper's recipe, with reuse on half of the batches, the EMA model
-giving the previous step's features, in chains of up to REUSE_STEPS previous steps) on the
-reference kernels for 5000 steps of 64 grids, then 12-step sampling from the EMA model (decay 0.99,
+giving the previous step's features, in chains of up to REUSE_STEPS previous steps) on the CPU
+backends (the C++ forward kernels, the reference for the rest) for 5000 steps of 64 grids, then 12-step sampling from the EMA model (decay 0.99,
 warmed up: enat.training.EMA) with and without reuse, with the sampler settings of DEMO_CONFIG
 (cfg_scale 2, mask_temp 1, samp_temp 0.25; --cfg-scale, --mask-temp and --samp-temp override them);
-the checker's score for each, and a PNG of real and generated grids.
+the checker's score for each, and a PNG of real and generated grids (--out, by default docs/demo.png of
+the repository). The run draws from its own generators and a forked torch RNG and restores torch's thread
+count: the caller's random state and threads are as they were when it returns.
 """
 
 import argparse
@@ -36,6 +38,7 @@ import time
 import numpy as np
 import torch
 
+from .cli import add_old_spelling
 from .config import ENATConfig
 from .model import ENAT
 from .sampler import sample, settings as sampler_settings
@@ -66,6 +69,7 @@ PALETTE = np.array([  # token id -> RGB
 DEMO_CONFIG = ENATConfig("demo", depth_enc=4, depth_dec=2, width=64, heads=4, resolution=16 * GRID,
                          cfg_scale=2.0, mask_temp=1.0, samp_temp=0.25, vocab_size=VOCAB, num_classes=len(CLASSES))
 SAMPLE_STEPS = 12
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "demo.png")
 
 
 # The data set: drawing samples.
@@ -216,13 +220,21 @@ def _print(*args):
     print(*args, flush=True)
 
 
-def init_model(cfg=DEMO_CONFIG, *, seed=0, pos_std=POSITION_STD):
-    """The untrained model `train` starts from (deterministic in seed), in training mode."""
-    torch.manual_seed(seed)
+def _new_model(cfg, pos_std):
+    """ENAT(cfg) in training mode, its position embeddings drawn from N(0, pos_std) (see POSITION_STD),
+    from torch's global RNG (the model's initialisation takes no generator)."""
     model = ENAT(cfg).train()
-    if pos_std is not None:  # see POSITION_STD
+    if pos_std is not None:
         torch.nn.init.normal_(model.x_embedder.position_embeddings.weight, std=pos_std)
     return model
+
+
+def init_model(cfg=DEMO_CONFIG, *, seed=0, pos_std=POSITION_STD):
+    """The untrained model `train` starts from (deterministic in seed), in training mode; torch's global
+    RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _new_model(cfg, pos_std)
 
 
 def train(cfg=DEMO_CONFIG, *, steps=STEPS, batch=64, lr=LR, warmup=100, ema_decay=0.99, ema_warmup=True,
@@ -230,33 +242,37 @@ def train(cfg=DEMO_CONFIG, *, steps=STEPS, batch=64, lr=LR, warmup=100, ema_deca
           log=_print, on_step=None):
     """Train init_model(cfg, seed=seed, pos_std=pos_std) on the pattern grids (`data`, rows as
     make_dataset's) with enat.training; on_step(model), if given, runs after every step's EMA update.
-    Returns (the model, its enat.training.EMA)."""
+    Returns (the model, its enat.training.EMA). The initialisation and the model's dropout draw from
+    torch's global RNG, seeded with `seed` in a fork of it: the caller's state is left as it was."""
     from tqdm.auto import tqdm
 
     data = make_dataset() if data is None else data
     ids_all = torch.from_numpy(data[:, 1:].astype(np.int64))
     labels_all = torch.from_numpy(data[:, 0].astype(np.int64))
-    model = init_model(cfg, seed=seed, pos_std=pos_std)
-    ema = training.EMA(model, ema_decay, warmup=ema_warmup)
-    opt, sched = training.optimizer(model, lr=lr, warmup=warmup)
-    gen = torch.Generator().manual_seed(seed)
-    running, t0 = None, time.time()
-    bar = tqdm(range(steps), desc="enat.demo train", unit="step", disable=not progress)
-    for step in bar:
-        rows = training.shard_indices(len(data), step, batch, seed=seed)
-        loss = training.loss(model, ids_all[rows], labels_all[rows], prev_model=ema.model, reuse_prob=reuse_prob,
-                             reuse_steps=reuse_steps, generator=gen)
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(model)
-        if on_step is not None:
-            on_step(model)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{running:.3f}")
-        if log and (step + 1) % 250 == 0:
-            log(f"step {step + 1}/{steps}: loss {running:.3f}, {(step + 1) * batch / (time.time() - t0):.0f} grids/s")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _new_model(cfg, pos_std)
+        ema = training.EMA(model, ema_decay, warmup=ema_warmup)
+        opt, sched = training.optimizer(model, lr=lr, warmup=warmup)
+        gen = torch.Generator().manual_seed(seed)
+        running, t0 = None, time.time()
+        bar = tqdm(range(steps), desc="enat.demo train", unit="step", disable=not progress)
+        for step in bar:
+            rows = training.shard_indices(len(data), step, batch, seed=seed)
+            loss = training.loss(model, ids_all[rows], labels_all[rows], prev_model=ema.model, reuse_prob=reuse_prob,
+                                 reuse_steps=reuse_steps, generator=gen)
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            ema.update(model)
+            if on_step is not None:
+                on_step(model)
+            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            bar.set_postfix(loss=f"{running:.3f}")
+            if log and (step + 1) % 250 == 0:
+                log(f"step {step + 1}/{steps}: loss {running:.3f}, "
+                    f"{(step + 1) * batch / (time.time() - t0):.0f} grids/s")
     return model, ema
 
 
@@ -274,10 +290,11 @@ def evaluate(model, *, per_class=256, seed=0, modes=("reuse", "no reuse"), steps
     return out
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(prog="python -m enat.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=STEPS)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="grids per training step (default: %(default)s)")
+    add_old_spelling(parser, "--batch", "--batch-size", "batch_size", type=int)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse-steps", type=int, default=REUSE_STEPS,
                         help="longest chain of previous steps in reuse batches (1: the paper's recipe)")
@@ -288,14 +305,31 @@ def main(argv=None):
     for name in ("cfg-scale", "mask-temp", "samp-temp"):
         parser.add_argument(f"--{name}", type=float, default=None,
                             help=f"the sampler's {name.replace('-', '_')} (default: the demo config's)")
-    parser.add_argument("--out", default="docs/demo.png", help="the PNG of real and generated grids")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help="the PNG of real and generated grids ('': none; default: the repository's docs/demo.png)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads during the run (default: torch's); restored at the end")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--save-model", default=None, help="write the EMA model's state dict here")
     parser.add_argument("--load-model", default=None, help="skip training: sample from this saved state dict")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return parser
+
+
+def main(argv=None):
+    """The demo: train (or --load-model), sample, score, write --out. Returns {mode: score}; torch's
+    thread count and global RNG state are as they were."""
+    args = build_parser().parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args):
+    """main's run, once the threads are set: {mode: score}."""
     t0 = time.time()
     data = make_dataset()
     real_ok = judge(data[:, 1:], data[:, 0]).mean()
@@ -308,14 +342,23 @@ def main(argv=None):
         model = ENAT(DEMO_CONFIG).eval()
         model.load_state_dict(torch.load(args.load_model, weights_only=True))
     else:
-        model = train(steps=args.steps, batch=args.batch, reuse_steps=args.reuse_steps, seed=args.seed, data=data,
-                      progress=not args.no_progress)[1].model
+        model = train(steps=args.steps, batch=args.batch_size, reuse_steps=args.reuse_steps, seed=args.seed,
+                      data=data, progress=not args.no_progress)[1].model
     if args.save_model:
         torch.save(model.state_dict(), args.save_model)
     train_s = time.time() - t0
     settings = {"steps": args.sample_steps, **sampler_settings(model, args.cfg_scale, args.mask_temp, args.samp_temp)}
     _print("sampler settings: " + ", ".join(f"{k} {v}" for k, v in settings.items()))
     results = evaluate(model, per_class=args.per_class, seed=args.seed, **settings)
+    scores = _report(results)
+    if args.out:
+        _picture(data, results, args.out)
+    _print(f"total time {time.time() - t0:.0f} s (training {train_s:.0f} s)")
+    return scores
+
+
+def _report(results):
+    """Print each mode's score (overall and per class) and whether the goal is met; {mode: score}."""
     scores = {}
     for mode, (grids, labels, ok) in results.items():
         per_class = " ".join(f"{name} {ok[labels == c].mean():.0%}" for c, name in enumerate(CLASSES))
@@ -326,19 +369,21 @@ def main(argv=None):
     _print(f"goal (at least {GOAL_SCORE:.0%} with reuse, at most {GOAL_GAP * 100:.0f} points below no reuse): "
            f"{'met' if met else 'missed'} (reuse {scores['reuse']:.1%}, {abs(gap) * 100:.1f} points "
            f"{'below' if gap > 0 else 'above'} no reuse)")
+    return scores
+
+
+def _picture(data, results, path):
+    """Write the PNG: one row per class, 4 real grids, 4 generated with reuse, 4 without."""
     picture_rows = []
     for c in range(len(CLASSES)):
         real = data[data[:, 0] == c][:4, 1:]
         gen_r = results["reuse"][0][results["reuse"][1] == c][:4]
         gen_n = results["no reuse"][0][results["no reuse"][1] == c][:4]
         picture_rows.append(np.concatenate([real, gen_r, gen_n]))
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        render(None, args.out, rows_of=picture_rows)
-        _print(f"wrote {args.out}: one row per class ({', '.join(CLASSES)}); 4 real grids, 4 generated with reuse, "
-              f"4 generated without")
-    _print(f"total time {time.time() - t0:.0f} s (training {train_s:.0f} s)")
-    return scores
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    render(None, path, rows_of=picture_rows)
+    _print(f"wrote {path}: one row per class ({', '.join(CLASSES)}); 4 real grids, 4 generated with reuse, "
+           f"4 generated without")
 
 
 if __name__ == "__main__":

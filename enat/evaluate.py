@@ -45,9 +45,9 @@ import numpy as np
 import torch
 
 from . import evaluation as E
-from .cli import (DTYPES, CommandError, add_device_args, add_model_args, check_vq_grid, default_device,
-                  init_distributed, load_model, load_vq, model_dtype, sample_batch, sampler_settings, sha256,
-                  split_work, timed, to_uint8)
+from .cli import (DTYPES, CommandError, add_device_args, add_model_args, add_workers_arg, check_vq_grid,
+                  default_device, image_batches, init_distributed, load_model, load_vq, model_dtype, progress_bar,
+                  run_command, sample_batch, sampler_settings, sha256, split_work, timed, to_uint8)
 
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")  # pytorch-fid's
 LIBRARIES = ("torch", "torchvision", "pytorch-fid", "scipy", "numpy", "triton", "enat_kernels")
@@ -100,7 +100,7 @@ def build_stats_parser():
     _add_inception_args(p)
     p.add_argument("--random-weights", action="store_true", help="random Inception weights (pipeline checks)")
     p.add_argument("--batch-size", type=int, default=125, help="images per Inception batch (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=4, help="image decoding processes (0: in this one)")
+    add_workers_arg(p)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -239,19 +239,10 @@ def run(args):
 
 
 def _evaluate(args, rank, world, device):
+    """Rank 0's results (None on the other ranks): every input read and checked, then the batches
+    measured (resumed from --state-dir), the sums added over the processes and the outputs written."""
     dtype = model_dtype(args, device)
-    # every input is read and checked before any sampling or writing
-    model, cfg = load_model(args)
-    classes = cfg.num_classes if args.classes is None else args.classes
-    if not 1 <= classes <= cfg.num_classes:
-        raise CommandError(f"--classes must be in [1, {cfg.num_classes}] (the labels are classes of the model), "
-                           f"got {classes}")
-    settings = sampler_settings(args, cfg)
-    vqgan = load_vq(args, device, dtype, n_embed=cfg.vocab_size)
-    check_vq_grid(vqgan, cfg)
-    reference = _reference(args.reference) if args.reference else None
-    inception = _inception(args, device)
-    model = model.to(device, dtype)
+    model, cfg, classes, settings, vqgan, reference, inception = _inputs(args, device, dtype)
     labels = E.class_balanced_labels(args.num, classes)
     if rank == 0 and args.num % classes:
         print(f"enat.evaluate: {args.num} samples are not balanced over {classes} classes (classes 0 .. "
@@ -271,7 +262,6 @@ def _evaluate(args, rank, world, device):
     if args.save_npz:
         samples = _open_samples(args.save_npz, (args.num, cfg.resolution, cfg.resolution, 3), rank, world,
                                 resuming=bool(state.found))
-    mine = split_work(args.num, args.batch_size, world)[rank]
 
     def batch(j, start, stop):
         """(images, features, logits, seconds per stage) of batch j."""
@@ -280,15 +270,52 @@ def _evaluate(args, rank, world, device):
         (features, logits), t_inception = timed(device, inception, images)
         return images, features, logits, (t_model, t_decode, t_inception)
 
+    mine = split_work(args.num, args.batch_size, world)[rank]
+    seconds = _run_batches(args, batch, mine, done, seconds, stats, state, samples, rank, world, device)
+    timing = torch.tensor([seconds[k] for k in ("transformer", "decoder", "inception", "wall")], dtype=torch.float64,
+                          device=device)
+    if world > 1:
+        import torch.distributed as dist
+
+        stats.all_reduce()
+        dist.all_reduce(timing, op=dist.ReduceOp.MAX)  # the busiest process decides
+    result = None
+    if rank == 0:
+        resolved = {k: v for k, v in fingerprint.items() if k not in hashes}  # the hashes go under "sha256"
+        result = _finish(args, stats, reference, labels, timing.tolist(), hashes, dict(
+            resolved, cfg_name=cfg.name, resolution=cfg.resolution, device_name=_device_name(device)))
+    _remove_state(args, state, rank, world)
+    return result
+
+
+def _inputs(args, device, dtype):
+    """(ENAT on `device`, its config, the classes, the sampler settings, the VQGAN, the reference
+    statistics or None, the FID Inception): every input read and checked before any sampling or writing."""
+    model, cfg = load_model(args)
+    classes = cfg.num_classes if args.classes is None else args.classes
+    if not 1 <= classes <= cfg.num_classes:
+        raise CommandError(f"--classes must be in [1, {cfg.num_classes}] (the labels are classes of the model), "
+                           f"got {classes}")
+    settings = sampler_settings(args, cfg)
+    vqgan = load_vq(args, device, dtype, n_embed=cfg.vocab_size)
+    check_vq_grid(vqgan, cfg)
+    reference = _reference(args.reference) if args.reference else None
+    inception = _inception(args, device)
+    return model.to(device, dtype), cfg, classes, settings, vqgan, reference, inception
+
+
+def _run_batches(args, batch, mine, done, seconds, stats, state, samples, rank, world, device):
+    """Run this process's batches `mine` from the `done`-th on: each one's features into `stats`, its
+    images into `samples` (when saved), the sums saved every --save-every batches and after the last.
+    Returns the seconds per stage (`seconds` the ones spent before)."""
     if args.warmup and done < len(mine):
         batch(*mine[done])
-    from tqdm.auto import tqdm
 
     def progress(k):  # images done over all processes when this one has run k batches (they keep pace)
         return min(args.num, k * world * args.batch_size)
 
-    bar = tqdm(total=args.num, initial=progress(done), desc="enat.evaluate", unit="img",
-               disable=rank != 0 or args.no_progress)
+    bar = progress_bar("enat.evaluate", args.num, "img", initial=progress(done),
+                       enabled=rank == 0 and not args.no_progress)
     wall_start, wall_before = time.perf_counter(), seconds["wall"]
     for k in range(done, len(mine)):
         j, start, stop = mine[k]
@@ -305,25 +332,16 @@ def _evaluate(args, rank, world, device):
             state.save(stats, k + 1, seconds)
         bar.update(progress(k + 1) - bar.n)
     bar.close()
+    return seconds
 
-    timing = torch.tensor([seconds[k] for k in ("transformer", "decoder", "inception", "wall")], dtype=torch.float64,
-                          device=device)
-    if world > 1:
-        import torch.distributed as dist
 
-        stats.all_reduce()
-        dist.all_reduce(timing, op=dist.ReduceOp.MAX)  # the busiest process decides
-    result = None
-    if rank == 0:
-        resolved = {k: v for k, v in fingerprint.items() if k not in hashes}  # the hashes go under "sha256"
-        result = _finish(args, stats, reference, labels, timing.tolist(), hashes, dict(
-            resolved, cfg_name=cfg.name, resolution=cfg.resolution, device_name=_device_name(device)))
+def _remove_state(args, state, rank, world):
+    """Delete the partial sums once the outputs are written (and --state-dir when it is left empty)."""
     _barrier(world)
-    state.remove()  # the outputs are written: the partial sums are no longer needed
+    state.remove()
     _barrier(world)
     if rank == 0 and os.path.isdir(args.state_dir) and not os.listdir(args.state_dir):
         os.rmdir(args.state_dir)
-    return result
 
 
 def _device_name(device):
@@ -392,7 +410,6 @@ def _image_files(root):
 
 def run_stats(args):
     """python -m enat.evaluate stats: mu and sigma of a folder's images to --out."""
-    from .tokenize import _collate, _Images
 
     if args.batch_size < 1 or args.workers < 0 or args.resolution < 1:
         raise CommandError(f"--batch-size and --resolution must be >= 1 and --workers >= 0, got {args.batch_size}, "
@@ -402,13 +419,9 @@ def run_stats(args):
     files = _image_files(args.images)
     inception = _inception(args, device)
     stats = E.FeatureStats(len(files), device=device)
-    loader = torch.utils.data.DataLoader(_Images([(f, 0) for f in files], args.resolution),
-                                         batch_size=args.batch_size, num_workers=args.workers, collate_fn=_collate)
     unreadable = []
-    from tqdm.auto import tqdm
-
-    with tqdm(total=len(files), desc="enat.evaluate stats", unit="img", disable=args.no_progress) as bar:
-        for items in loader:
+    with progress_bar("enat.evaluate stats", len(files), "img", enabled=not args.no_progress) as bar:
+        for items in image_batches([(f, 0) for f in files], args.resolution, args.batch_size, args.workers):
             unreadable += [(files[i], error) for i, _, _, error in items if error is not None]
             if not unreadable:  # after the first unreadable file only the listing goes on
                 pixels = torch.from_numpy(np.stack([arr for _, _, arr, _ in items])).to(device)
@@ -430,12 +443,7 @@ def main(argv=None):
     stats = bool(argv) and argv[0] == "stats"
     prog = "python -m enat.evaluate" + (" stats" if stats else "")
     args = (build_stats_parser().parse_args(argv[1:]) if stats else build_parser().parse_args(argv))
-    try:
-        (run_stats if stats else run)(args)
-    except CommandError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(prog, run_stats if stats else run, args)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,6 @@ from .config import resolve
 from .schedule import mask_schedule
 from .vq import decoder_macs
 
-# The paper's printed VQ decoder cost per image, by resolution (kept for reference). generation_macs
-# counts the decoder's convolutions instead (enat.vq.decoder_macs): 93.27e9 and 373.09e9.
-VQ_DECODER_MACS = {256: 93e9, 512: 373e9}
-
 
 def _blocks_macs(cfg, n_blocks, queries, ctx, self_keys):
     """n_blocks blocks: adaLN modulation, then q, kv.B, proj and MLP on the queries, kv.A on the

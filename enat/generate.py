@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .cli import (CommandError, add_device_args, add_model_args, check_vq_grid, init_distributed, load_model, load_vq,
-                  model_dtype, sample_batch, sampler_settings, split_work, timed, to_uint8)
+                  model_dtype, progress_bar, run_command, sample_batch, sampler_settings, split_work, timed, to_uint8)
 
 
 def make_grid(images, nrow=None, padding=2):
@@ -119,20 +119,15 @@ def run(args):
         batch(*mine[0])
 
     outputs, t_model, t_decode = [], 0.0, 0.0
-    bar = None
-    if rank == 0 and not args.no_progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=sum(stop - start for _, start, stop in mine), desc="enat.generate", unit="img")
+    bar = progress_bar("enat.generate", sum(stop - start for _, start, stop in mine), "img",
+                       enabled=rank == 0 and not args.no_progress)
     for j, start, stop in mine:
         ids, images, seconds, decode_seconds = batch(j, start, stop)
         t_model, t_decode = t_model + seconds, t_decode + decode_seconds
         outputs.append((start, None if images is None else to_uint8(images),
                         ids.cpu().numpy() if args.save_ids else None))
-        if bar is not None:
-            bar.update(stop - start)
-    if bar is not None:
-        bar.close()
+        bar.update(stop - start)
+    bar.close()
     stats = dict(model_s=t_model, decode_s=t_decode)
 
     if world > 1:
@@ -195,13 +190,7 @@ def _report(n, all_stats, cfg, device, dtype, world, decoded):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except CommandError as e:
-        print(f"python -m enat.generate: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("python -m enat.generate", run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

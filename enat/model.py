@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import enat_kernels.ops as K
-from enat_kernels.ops import _checks
+from enat_kernels import checks as _checks
 
 from .config import NUM_CLASSES, VOCAB, ENATConfig
 

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 import enat_kernels.ops as K
-from enat_kernels.ops import _checks
+from enat_kernels import checks as _checks
 
 from .schedule import mask_schedule
 

@@ -5,7 +5,8 @@
 
 Input: IMAGE_DIR/<class name>/<image files>; class ids are the positions of the class folder names in
 sorted order (written, one name per line, to OUT with the suffix .classes.txt). Each image is center
-cropped and resized the ADM way (docs/VQ.md) to --resolution px, RGB in [0, 1], and encoded by the VQGAN.
+cropped and resized the ADM way (enat.cli.center_crop_arr, docs/VQ.md) to --resolution px, RGB in [0, 1], and
+encoded by the VQGAN.
 
 Output (docs/VQ.md, "Token file"): a .npy int64 array of shape (N, 1 + L), one row per image: the class
 id, then the L = (resolution / 16)^2 token ids in row-major grid order. With --flip each image's row is
@@ -21,22 +22,8 @@ import sys
 import numpy as np
 import torch
 
-from .cli import DTYPES, CommandError, add_device_args, default_device, load_vq
-
-
-def center_crop_arr(image, size):
-    """ADM's preprocessing (docs/VQ.md): halve with a box filter while the short side is >= 2 size, resize
-    the short side to `size` (bicubic), cut the centred size x size square. PIL image -> uint8 (size, size, 3)."""
-    from PIL import Image
-
-    image = image.convert("RGB")
-    while min(*image.size) >= 2 * size:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
-    scale = size / min(*image.size)
-    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
-    arr = np.asarray(image)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top:top + size, left:left + size]
+from .cli import (DTYPES, CommandError, add_device_args, add_workers_arg, default_device, image_batches, load_vq,
+                  progress_bar, run_command)
 
 
 def list_images(root):
@@ -57,28 +44,6 @@ def list_images(root):
     return classes, files, ignored
 
 
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, files, size):
-        self.files, self.size = files, size
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        from PIL import Image
-
-        path, label = self.files[i]
-        try:
-            with Image.open(path) as image:
-                return i, label, center_crop_arr(image, self.size), None
-        except Exception as e:  # not an image, truncated, unsupported mode: reported at the end
-            return i, label, None, f"{type(e).__name__}: {e}"
-
-
-def _collate(items):
-    return items
-
-
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m enat.tokenize", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -88,7 +53,7 @@ def build_parser():
     p.add_argument("--resolution", type=int, default=256, help="256 or 512 (default: %(default)s)")
     p.add_argument("--flip", action="store_true", help="also encode each image mirrored horizontally (one more row)")
     p.add_argument("--batch-size", type=int, default=64, help="images per VQGAN batch (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=4, help="image decoding processes (0: in this one)")
+    add_workers_arg(p)
     add_device_args(p, default_dtype="fp32")
     return p
 
@@ -106,12 +71,8 @@ def run(args):
     rows = np.zeros((len(files) * per_image, 1 + L), dtype=np.int64)
     kept = np.zeros(len(files), dtype=bool)
     unreadable = []
-    loader = torch.utils.data.DataLoader(_Images(files, args.resolution), batch_size=args.batch_size,
-                                         num_workers=args.workers, collate_fn=_collate)
-    from tqdm.auto import tqdm
-
-    with tqdm(total=len(files), desc="enat.tokenize", unit="img", disable=args.no_progress) as bar:
-        for items in loader:
+    with progress_bar("enat.tokenize", len(files), "img", enabled=not args.no_progress) as bar:
+        for items in image_batches(files, args.resolution, args.batch_size, args.workers):
             good = []
             for i, label, arr, error in items:
                 if arr is None:
@@ -155,13 +116,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except CommandError as e:
-        print(f"python -m enat.tokenize: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("python -m enat.tokenize", run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

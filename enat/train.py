@@ -1,7 +1,7 @@
 """Train ENAT on a token file: `python -m enat.train` (one process) or under torchrun (data parallel).
 
-    python -m enat.train --config ENAT-S --data tokens.npy --out runs/s --batch 256 --steps 100000
-    torchrun --nproc_per_node=8 -m enat.train --config ENAT-L --data tokens.npy --out runs/l --batch 2048 --bf16
+    python -m enat.train --model ENAT-S --data tokens.npy --out runs/s --batch-size 256 --steps 100000
+    torchrun --nproc_per_node=8 -m enat.train --model ENAT-L --data tokens.npy --out runs/l --batch-size 2048 --dtype bf16
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 -m enat.train ...
     python -m enat.train ... --resume             # continue from OUT/checkpoints/latest.pt (or --resume PATH)
 
@@ -14,7 +14,7 @@ constant lr). The EMA's decay `--ema` is warmed up, min(decay, (1 + t) / (10 + t
 (enat.training.EMA); `--no-ema-warmup` keeps it fixed from the start, as the paper does.
 
 With WORLD_SIZE > 1 (torchrun) the processes form a torch.distributed group (NCCL on GPUs, gloo on
-CPUs) and train one DistributedDataParallel model: each optimizer step takes `--batch` rows (the
+CPUs) and train one DistributedDataParallel model: each optimizer step takes `--batch-size` rows (the
 global batch) in `--accum` micro-steps; rank r reads the r-th block of each micro-step's rows of a
 seeded permutation of the data (enat.training.shard_indices), and every rank draws the masks of the
 whole micro-step from one shared generator and keeps its rows, so the run computes the gradients of
@@ -29,6 +29,9 @@ per row, with the sampler settings of the config unless --cfg-scale, --mask-temp
 say otherwise; the PNG colours each token id, since there is no VQ decoder here). `--resume`
 continues bit for bit on the same device type and process count; a checkpoint written before the
 EMA stored its update count resumes with the count set to its step (one update per step).
+
+The old spellings --config, --batch, --bf16 and --fp16 still work, with a deprecation warning: they are
+--model, --batch-size, --dtype bf16 and --dtype fp16.
 """
 
 import argparse
@@ -42,9 +45,9 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from . import training
+from .cli import Distributed, add_old_spelling, progress_bar
 from .config import ENATConfig, config as named_config
 from .model import ENAT
 from .sampler import sample, settings as sampler_settings
@@ -54,7 +57,8 @@ def build_parser():
     p = argparse.ArgumentParser(prog="python -m enat.train", description="Train ENAT on a token file "
                                 "(runs under torchrun for data parallelism).")
     g = p.add_argument_group("model")
-    g.add_argument("--config", default=None, help="ENAT-S, ENAT-B or ENAT-L (or give the sizes below)")
+    g.add_argument("--model", default=None, help="ENAT-S, ENAT-B or ENAT-L (or give the sizes below)")
+    add_old_spelling(g, "--config", "--model", "model")
     g.add_argument("--depth-enc", type=int)
     g.add_argument("--depth-dec", type=int)
     g.add_argument("--width", type=int)
@@ -64,7 +68,8 @@ def build_parser():
     g.add_argument("--num-classes", type=int, default=None, help="classes; the null class is this id (default 1000)")
     g = p.add_argument_group("data and optimisation")
     g.add_argument("--data", required=True, help=".npy int array (N, 1 + L): label, then the token ids, per row")
-    g.add_argument("--batch", type=int, default=256, help="global batch per optimizer step (all processes)")
+    g.add_argument("--batch-size", type=int, default=256, help="global batch per optimizer step (all processes)")
+    add_old_spelling(g, "--batch", "--batch-size", "batch_size", type=int)
     g.add_argument("--accum", type=int, default=1, help="gradient-accumulation micro-steps per optimizer step")
     g.add_argument("--lr", type=float, default=training.LEARNING_RATE)
     g.add_argument("--warmup", type=int, default=training.WARMUP_STEPS)
@@ -80,8 +85,11 @@ def build_parser():
                    help="longest chain of previous steps in reuse batches (1: the paper's recipe; "
                         "enat.training, 'Chained previous steps')")
     prec = g.add_mutually_exclusive_group()
-    prec.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU; a CPU run stays fp32)")
-    prec.add_argument("--fp16", action="store_true", help="fp16 autocast with loss scaling (GPU; the paper's)")
+    prec.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                      help="autocast on GPUs: bf16, or fp16 with loss scaling (the paper's); fp32 (default) none; "
+                           "a CPU run stays fp32")
+    add_old_spelling(prec, "--bf16", "--dtype", "dtype", const="bf16")
+    add_old_spelling(prec, "--fp16", "--dtype", "dtype", const="fp16")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None, help="default: cuda (the local rank's GPU) if available, else cpu")
     g = p.add_argument_group("output")
@@ -104,58 +112,13 @@ def build_parser():
 def model_config(args):
     extra = {k: v for k, v in (("vocab_size", args.vocab_size), ("num_classes", args.num_classes)) if v is not None}
     sizes = (args.depth_enc, args.depth_dec, args.width, args.heads)
-    if args.config:
-        cfg = named_config(args.config, args.resolution or 256)
+    if args.model:
+        cfg = named_config(args.model, args.resolution or 256)
         changes = {k: v for k, v in zip(("depth_enc", "depth_dec", "width", "heads"), sizes) if v is not None}
         return dataclasses.replace(cfg, **changes, **extra)
     if any(v is None for v in sizes):
-        raise SystemExit("give --config ENAT-S/B/L or all of --depth-enc, --depth-dec, --width, --heads")
+        raise SystemExit("give --model ENAT-S/B/L or all of --depth-enc, --depth-dec, --width, --heads")
     return ENATConfig("custom", *sizes, resolution=args.resolution or 256, **extra)
-
-
-class Distributed:
-    """The process group when WORLD_SIZE > 1 (torchrun sets it), else one process."""
-
-    def __init__(self, device_arg):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device_arg:
-            self.device = torch.device(device_arg)
-        elif torch.cuda.is_available():
-            self.device = torch.device("cuda", self.local_rank)
-        else:
-            self.device = torch.device("cpu")
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        if self.world > 1:
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-
-    @property
-    def main(self):
-        return self.rank == 0
-
-    def mean(self, value):
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.item() / self.world
-
-    def gather(self, obj):
-        if self.world == 1:
-            return [obj]
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def barrier(self):
-        if self.world > 1:
-            dist.barrier()
-
-    def close(self):
-        if self.world > 1:
-            dist.destroy_process_group()
 
 
 def data_parallel(model, device):
@@ -235,11 +198,73 @@ def main(argv=None):
         env.close()
 
 
+@dataclasses.dataclass
+class _Run:
+    """What a run trains and carries from step to step; `net` is `model`, in DistributedDataParallel
+    when there are several processes."""
+    model: ENAT
+    net: torch.nn.Module
+    ema: training.EMA
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None  # fp16 autocast's loss scaling, else None
+    loss_gen: torch.Generator  # shared by every rank: the masks of the global batch
+    amp_dtype: torch.dtype | None  # autocast's dtype, None without autocast
+    micro: int  # rows per micro-step and process
+    step: int = 0
+
+
 def _train(args, cfg, env):
-    device, world, rank = env.device, env.world, env.rank
-    if args.batch % (world * args.accum):
-        raise SystemExit(f"--batch ({args.batch}) must be divisible by processes x --accum ({world} x {args.accum})")
-    micro = args.batch // (world * args.accum)
+    """The run: set-up, resume, then optimizer steps with logging, checkpoints and sample grids.
+    Returns (the model, its EMA)."""
+    micro = _check_args(args, env.world)
+    data = training.TokenDataset(args.data)
+    if env.main:
+        data.check(cfg)
+    run, settings = _set_up(args, cfg, env, micro)
+    ckpt_dir, sample_dir = os.path.join(args.out, "checkpoints"), os.path.join(args.out, "samples")
+    os.makedirs(ckpt_dir, exist_ok=True)
+    if args.resume:
+        _resume(args, cfg, env, run, ckpt_dir)
+    run.net = data_parallel(run.model, env.device) if env.world > 1 else run.model
+    log_path = os.path.join(args.out, "log.txt")
+    if env.main:
+        _log(_header(args, cfg, env, run, settings, len(data)), log_path)
+
+    bar = progress_bar("enat.train", args.steps, "step", initial=run.step, enabled=not args.no_progress and env.main)
+    say = print if args.no_progress else bar.write
+    loss_sum, loss_n, t_log, step_log = 0.0, 0, time.time(), run.step
+    while run.step < args.steps:
+        for loss in _step(args, env, run, data):
+            loss_sum += loss
+            loss_n += 1
+        bar.update(1)
+        if run.step % args.log_every == 0 or run.step == args.steps:
+            mean_loss = env.mean(float(loss_sum) / max(loss_n, 1))
+            rate = (run.step - step_log) * args.batch_size / max(time.time() - t_log, 1e-9)
+            if env.main:
+                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}")
+                _log(f"step {run.step}/{args.steps} loss {mean_loss:.4f} lr {run.sched.get_last_lr()[0]:.3g} "
+                     f"images/s {rate:.1f}", log_path, say)
+            loss_sum, loss_n, t_log, step_log = 0.0, 0, time.time(), run.step
+        if run.step % args.ckpt_every == 0 or run.step == args.steps:
+            _checkpoint(args, cfg, env, run, ckpt_dir)
+        if args.sample_every and (run.step % args.sample_every == 0 or run.step == args.steps) and env.main:
+            png = write_samples(run.ema.model, cfg, sample_dir, run.step, args.sample_per_class, args.sample_classes,
+                                args.seed, env.device, settings)
+            say(f"samples: {png}")
+    bar.close()
+    if env.main:
+        with open(os.path.join(args.out, "config.json"), "w") as f:
+            json.dump({"config": dataclasses.asdict(cfg), "args": vars(args)}, f, indent=1)
+    return run.model, run.ema
+
+
+def _check_args(args, world):
+    """Rows per micro-step and process, once the flags are checked (SystemExit naming the flag)."""
+    if args.batch_size % (world * args.accum):
+        raise SystemExit(f"--batch-size ({args.batch_size}) must be divisible by processes x --accum "
+                         f"({world} x {args.accum})")
     if args.reuse_steps < 1:
         raise SystemExit(f"--reuse-steps must be at least 1 (1: the paper's recipe), got {args.reuse_steps}")
     if not 0.0 <= args.ema <= 1.0:
@@ -250,135 +275,126 @@ def _train(args, cfg, env):
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise SystemExit(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-    data = training.TokenDataset(args.data)
-    if env.main:
-        data.check(cfg)
-    amp_dtype = (torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None) if device.type == "cuda" else None
-    if (args.bf16 or args.fp16) and device.type != "cuda" and env.main:
-        print("enat.train: autocast applies on GPUs only; this CPU run is fp32", file=sys.stderr)
+    return args.batch_size // (world * args.accum)
 
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
+
+def _set_up(args, cfg, env, micro):
+    """(the _Run at step 0, the sample grids' sampler settings): the same initial weights on every rank
+    (seed --seed), then each rank's own dropout stream."""
+    device = env.device
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    if device.type != "cuda":
+        if amp_dtype is not None and env.main:
+            print("enat.train: autocast applies on GPUs only; this CPU run is fp32", file=sys.stderr)
+        amp_dtype = None
+    torch.manual_seed(args.seed)
     model = ENAT(cfg).to(device).train()
     settings = {"steps": args.sample_steps,  # the sample grids': the flags, else the config's
                 **sampler_settings(model, args.cfg_scale, args.mask_temp, args.samp_temp)}
     ema = training.EMA(model, args.ema, warmup=args.ema_warmup)
     opt, sched = training.optimizer(model, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    loss_gen = torch.Generator().manual_seed(args.seed)  # shared by every rank: the global batch's masks
-    torch.manual_seed(args.seed * 1000 + rank + 1)  # in-model dropout: each rank its own stream
+    loss_gen = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed * 1000 + env.rank + 1)  # in-model dropout: each rank its own stream
     if device.type == "cuda":
-        torch.cuda.manual_seed(args.seed * 1000 + rank + 1)
-    ckpt_dir, sample_dir = os.path.join(args.out, "checkpoints"), os.path.join(args.out, "samples")
-    os.makedirs(ckpt_dir, exist_ok=True)
+        torch.cuda.manual_seed(args.seed * 1000 + env.rank + 1)
+    return _Run(model, model, ema, opt, sched, scaler, loss_gen, amp_dtype, micro), settings
 
-    step = 0
-    if args.resume:
-        path = os.path.join(ckpt_dir, "latest.pt") if args.resume == "latest" else args.resume
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state["config"] != dataclasses.asdict(cfg):
-            raise SystemExit(f"{path} holds a model of config {state['config']}, not {dataclasses.asdict(cfg)}")
-        model.load_state_dict(state["model"])
-        # A checkpoint written before the EMA stored its update count holds bare weights: the count
-        # is its step (one update per optimizer step), what a newer checkpoint would have stored.
-        ema.load_state_dict(state["ema"], updates=None if "updates" in state["ema"] else state["step"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        loss_gen.set_state(state["loss_generator"])
-        if len(state["rng"]) == world:
-            _set_rng_state(state["rng"][rank], device)
-        elif env.main:
-            print(f"enat.train: the checkpoint has RNG states of {len(state['rng'])} processes, this run {world}: "
-                  "dropout draws start afresh", file=sys.stderr)
-        step = state["step"]
-        if env.main:
-            print(f"enat.train: resumed from {path} at step {step}")
 
-    net = data_parallel(model, device) if world > 1 else model
-
-    log_path = os.path.join(args.out, "log.txt")
+def _resume(args, cfg, env, run, ckpt_dir):
+    """Load --resume's checkpoint (OUT/checkpoints/latest.pt for a bare --resume) into `run`."""
+    path = os.path.join(ckpt_dir, "latest.pt") if args.resume == "latest" else args.resume
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["config"] != dataclasses.asdict(cfg):
+        raise SystemExit(f"{path} holds a model of config {state['config']}, not {dataclasses.asdict(cfg)}")
+    run.model.load_state_dict(state["model"])
+    # A checkpoint written before the EMA stored its update count holds bare weights: the count
+    # is its step (one update per optimizer step), what a newer checkpoint would have stored.
+    run.ema.load_state_dict(state["ema"], updates=None if "updates" in state["ema"] else state["step"])
+    run.opt.load_state_dict(state["optimizer"])
+    run.sched.load_state_dict(state["scheduler"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    run.loss_gen.set_state(state["loss_generator"])
+    if len(state["rng"]) == env.world:
+        _set_rng_state(state["rng"][env.rank], env.device)
+    elif env.main:
+        print(f"enat.train: the checkpoint has RNG states of {len(state['rng'])} processes, this run {env.world}: "
+              "dropout draws start afresh", file=sys.stderr)
+    run.step = state["step"]
     if env.main:
-        n_params = sum(p.numel() for p in model.parameters())
-        header = (f"enat.train: {cfg.name} ({n_params / 1e6:.2f}M parameters, {cfg.seq_len} tokens, vocabulary "
-                  f"{cfg.vocab_size}, {cfg.num_classes} classes) on {world} x {device.type}, global batch "
-                  f"{args.batch} = {world} x {args.accum} x {micro}, "
-                  f"{'bf16' if amp_dtype == torch.bfloat16 else 'fp16' if amp_dtype else 'fp32'}, {len(data)} rows")
-        if args.sample_every:
-            header += (f"\nsample grids from the EMA model every {args.sample_every} steps: "
-                       + ", ".join(f"{name} {value}" for name, value in settings.items()))
-        print(header)
-        with open(log_path, "a") as f:
-            f.write(header + "\n")
+        print(f"enat.train: resumed from {path} at step {run.step}")
 
-    from tqdm.auto import tqdm
 
-    bar = tqdm(total=args.steps, initial=step, desc="enat.train", unit="step", disable=args.no_progress or not env.main)
-    loss_sum, loss_n, t_log, step_log = 0.0, 0, time.time(), step
-    while step < args.steps:
-        for a in range(args.accum):
-            rows = training.shard_indices(len(data), step, args.batch, rank=rank, world_size=world, micro_batch=micro,
-                                          micro_step=a, seed=args.seed)
-            ids, labels = data.batch(rows)
-            ids, labels = ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            sync = contextlib.nullcontext() if (world == 1 or a == args.accum - 1) else net.no_sync()
-            with sync:
-                with torch.autocast(device.type, amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                    loss = training.loss(net, ids, labels, prev_model=ema.model, reuse_prob=args.reuse_prob,
-                                         reuse_steps=args.reuse_steps, generator=loss_gen, shard=(rank, world))
-                scaled = loss / args.accum
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            loss_sum += loss.detach()
-            loss_n += 1
-        if scaler is not None:
-            scaler.unscale_(opt)
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(model)
-        step += 1
-        bar.update(1)
+def _header(args, cfg, env, run, settings, rows):
+    """The run's description, the first lines of the log."""
+    n_params = sum(p.numel() for p in run.model.parameters())
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[run.amp_dtype]
+    header = (f"enat.train: {cfg.name} ({n_params / 1e6:.2f}M parameters, {cfg.seq_len} tokens, vocabulary "
+              f"{cfg.vocab_size}, {cfg.num_classes} classes) on {env.world} x {env.device.type}, global batch "
+              f"{args.batch_size} = {env.world} x {args.accum} x {run.micro}, {precision}, {rows} rows")
+    if args.sample_every:
+        header += (f"\nsample grids from the EMA model every {args.sample_every} steps: "
+                   + ", ".join(f"{name} {value}" for name, value in settings.items()))
+    return header
 
-        if step % args.log_every == 0 or step == args.steps:
-            mean_loss = env.mean(float(loss_sum) / max(loss_n, 1))
-            now = time.time()
-            rate = (step - step_log) * args.batch / max(now - t_log, 1e-9)
-            line = (f"step {step}/{args.steps} loss {mean_loss:.4f} lr {sched.get_last_lr()[0]:.3g} "
-                    f"images/s {rate:.1f}")
-            if env.main:
-                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}")
-                bar.write(line) if not args.no_progress else print(line)
-                with open(log_path, "a") as f:
-                    f.write(line + "\n")
-            loss_sum, loss_n, t_log, step_log = 0.0, 0, time.time(), step
-        if step % args.ckpt_every == 0 or step == args.steps:
-            rng_states = env.gather(_rng_state(device))
-            if env.main:
-                path = os.path.join(ckpt_dir, f"step_{step:07d}.pt")
-                save_checkpoint(path, model=model, ema=ema, opt=opt, sched=sched, scaler=scaler, step=step,
-                                loss_gen=loss_gen, cfg=cfg, args=args, rng_states=rng_states)
-                latest = os.path.join(ckpt_dir, "latest.pt")
-                tmp = latest + ".tmp"
-                if os.path.lexists(tmp):
-                    os.remove(tmp)
-                os.symlink(os.path.basename(path), tmp)
-                os.replace(tmp, latest)
-            env.barrier()
-        if args.sample_every and (step % args.sample_every == 0 or step == args.steps) and env.main:
-            png = write_samples(ema.model, cfg, sample_dir, step, args.sample_per_class, args.sample_classes,
-                                args.seed, device, settings)
-            bar.write(f"samples: {png}") if not args.no_progress else print(f"samples: {png}")
-    bar.close()
+
+def _log(text, log_path, say=print):
+    """Show `text` (with `say`) and append it to the log file."""
+    say(text)
+    with open(log_path, "a") as f:
+        f.write(text + "\n")
+
+
+def _step(args, env, run, data):
+    """One optimizer step of --batch-size rows in --accum micro-steps, the EMA updated after it.
+    Returns the micro-steps' losses (detached 0-dim tensors)."""
+    device, world, rank = env.device, env.world, env.rank
+    losses = []
+    for a in range(args.accum):
+        rows = training.shard_indices(len(data), run.step, args.batch_size, rank=rank, world_size=world,
+                                      micro_batch=run.micro, micro_step=a, seed=args.seed)
+        ids, labels = data.batch(rows)
+        ids, labels = ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        sync = contextlib.nullcontext() if (world == 1 or a == args.accum - 1) else run.net.no_sync()
+        with sync:
+            with torch.autocast(device.type, run.amp_dtype or torch.bfloat16, enabled=run.amp_dtype is not None):
+                loss = training.loss(run.net, ids, labels, prev_model=run.ema.model, reuse_prob=args.reuse_prob,
+                                     reuse_steps=args.reuse_steps, generator=run.loss_gen, shard=(rank, world))
+            scaled = loss / args.accum
+            (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+        losses.append(loss.detach())
+    if run.scaler is not None:
+        run.scaler.unscale_(run.opt)
+    if args.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+    if run.scaler is not None:
+        run.scaler.step(run.opt)
+        run.scaler.update()
+    else:
+        run.opt.step()
+    run.sched.step()
+    run.opt.zero_grad(set_to_none=True)
+    run.ema.update(run.model)
+    run.step += 1
+    return losses
+
+
+def _checkpoint(args, cfg, env, run, ckpt_dir):
+    """Rank 0 writes checkpoints/step_XXXXXXX.pt (every rank's RNG states gathered into it) and points
+    checkpoints/latest.pt at it; the other ranks wait for it."""
+    rng_states = env.gather(_rng_state(env.device))
     if env.main:
-        with open(os.path.join(args.out, "config.json"), "w") as f:
-            json.dump({"config": dataclasses.asdict(cfg), "args": vars(args)}, f, indent=1)
-    return model, ema
+        path = os.path.join(ckpt_dir, f"step_{run.step:07d}.pt")
+        save_checkpoint(path, model=run.model, ema=run.ema, opt=run.opt, sched=run.sched, scaler=run.scaler,
+                        step=run.step, loss_gen=run.loss_gen, cfg=cfg, args=args, rng_states=rng_states)
+        latest = os.path.join(ckpt_dir, "latest.pt")
+        tmp = latest + ".tmp"
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        os.symlink(os.path.basename(path), tmp)
+        os.replace(tmp, latest)
+    env.barrier()
 
 
 if __name__ == "__main__":

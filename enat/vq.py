@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from enat_kernels.ops import _checks
+from enat_kernels import checks as _checks
 
 from .checkpoint import load_strict, state_dict_of
 

@@ -9,15 +9,19 @@ Python module, enat_kernels._cpu, which the "cpu" backend calls directly (`CPU`,
 """
 
 import importlib
+import importlib.util
 
 import torch
 
 
 def _load_extension():
+    # A missing module would import as a confusing "partially initialized module" error: look first.
+    if importlib.util.find_spec("enat_kernels._C") is None:
+        return False, "the CUDA extension enat_kernels._C is not built: pip install -e . on a machine with nvcc (CUDA_HOME)"
     try:
-        from enat_kernels import _C  # noqa: F401  (registers the enat::*_cuda kernels)
+        importlib.import_module("enat_kernels._C")  # registers the enat::*_cuda kernels
     except ImportError as e:
-        return False, f"the CUDA extension enat_kernels._C is not built or does not load ({e})"
+        return False, f"the CUDA extension enat_kernels._C does not load ({e})"
     return True, None
 
 

@@ -1,10 +1,12 @@
 """Backend selection for the enat:: ops, and the path of a public call to its kernel.
 
-A backend (`Backend`: Triton, CUDA, reference) says what it needs of the device and the build. Each
-op has a `Dispatcher` with one implementation per backend it has. For a given call, a backend
-answers with the reasons it cannot serve (none means it can): the device, whether the kernel exists
-or the extension is built, and op-specific limits such as dtype or head dim. The dispatcher takes
-the first backend in its order of preference (`ORDER`) that can serve. `backend=` on the call, or
+A backend (`Backend`: Triton, CUDA, cpu, reference) says what it needs of the device and the build;
+`REGISTRY` holds one of each, in the order of preference (`BACKENDS`, `ORDER`), and `add`/`remove`
+change it (docs/OPS.md, "Adding a backend"). Each op has a `Dispatcher` (all listed in `DISPATCHERS`)
+with one implementation per backend it has. For a given call, a backend answers with the reasons it
+cannot serve (none means it can): the device, whether the kernel exists or the extension is built,
+and op-specific limits such as dtype or head dim. The dispatcher takes the first backend in the order
+of preference that can serve. `backend=` on the call, or
 the ENAT_KERNELS_BACKEND environment variable, forces one; a forced backend that cannot serve raises
 `BackendUnavailableError` listing the reasons. A CUDA tensor that no kernel serves runs on the
 reference and says so once per (op, reasons) with a `FallbackWarning`; `explain(op, *args)` tells,
@@ -83,16 +85,65 @@ class Cpu(Backend):
         return reasons
 
 
-# Default order of preference, for every op. Triton comes first: its forward and backward kernels are
+# The order of preference, for every op. Triton comes first: its forward and backward kernels are
 # the ones every CPU test run checks against the fp64 oracles (in Triton's interpreter), and they
 # compile for sm_80 and sm_90 in CI; the CUDA kernels compile in CI but no GPU run has yet shown them
 # correct and faster at the model's shapes (scripts/gpu_check.sh measures both side by side). On CPU
 # tensors the C++ kernels come before the reference wherever they take the inputs (their limits say
 # where they are faster). The reference serves what no kernel takes.
 REGISTRY = {b.name: b for b in (Triton(), Cuda(), Cpu(), Reference())}
-BACKENDS = tuple(REGISTRY)  # the backend names, in the default order of preference
-ORDER = BACKENDS
 ENV_BACKEND = "ENAT_KERNELS_BACKEND"
+DISPATCHERS = {}  # op name -> Dispatcher: every op enat_kernels defines, public and backward-only
+
+
+def __getattr__(name):
+    """BACKENDS and ORDER: the names of REGISTRY, in the order of preference, as it stands now."""
+    if name in ("BACKENDS", "ORDER"):
+        return tuple(REGISTRY)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def add(backend, before="reference"):
+    """Register `backend` (a Backend instance with a new name), ahead of `before` in the order of
+    preference (None: last). It serves the ops it then registers an implementation for
+    (`Dispatcher.register`). Returns the backend."""
+    if not isinstance(backend, Backend) or not isinstance(backend.name, str):
+        raise TypeError(f"backend must be a Backend instance with a name, got {backend!r}")
+    if backend.name in REGISTRY:
+        raise ValueError(f"backend {backend.name!r} is already registered")
+    names = list(REGISTRY)
+    position = len(names) if before is None else names.index(before)
+    entries = list(REGISTRY.items())
+    entries.insert(position, (backend.name, backend))
+    REGISTRY.clear()
+    REGISTRY.update(entries)
+    clear_caches()
+    return backend
+
+
+def remove(name):
+    """Unregister the backend `name` and its implementations of every op."""
+    if name not in REGISTRY:
+        raise ValueError(f"no backend {name!r} is registered")
+    del REGISTRY[name]
+    for dispatcher in DISPATCHERS.values():
+        dispatcher.impls.pop(name, None)
+    clear_caches()
+
+
+def device_for(name):
+    """Where the backend `name` runs in this process: "cuda" where it takes CUDA tensors and there is a
+    GPU, else "cpu" where it takes CPU tensors (when forced), else None (it cannot run here)."""
+    backend = REGISTRY[name]
+    if torch.cuda.is_available() and not backend.device_reasons(torch.device("cuda"), True):
+        return "cuda"
+    if not backend.device_reasons(torch.device("cpu"), True):
+        return "cpu"
+    return None
+
+
+def _names():
+    return ", ".join(map(repr, REGISTRY))
 
 
 class BackendUnavailableError(RuntimeError):
@@ -107,14 +158,14 @@ class FallbackWarning(UserWarning):
 def requested_backend(backend):
     """(backend, where it was asked for) from the argument or the environment; (None, None) for auto."""
     if backend is not None:
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))} or None, got {backend!r}")
+        if backend not in REGISTRY:
+            raise ValueError(f"backend must be one of {_names()} or None, got {backend!r}")
         return backend, f"backend={backend!r}"
     env = os.environ.get(ENV_BACKEND, "").strip()
     if env in ("", "auto"):
         return None, None
-    if env not in BACKENDS:
-        raise ValueError(f"{ENV_BACKEND} must be one of {', '.join(BACKENDS)}, auto or unset, got {env!r}")
+    if env not in REGISTRY:
+        raise ValueError(f"{ENV_BACKEND} must be one of {', '.join(REGISTRY)}, auto or unset, got {env!r}")
     return env, f"{ENV_BACKEND}={env}"
 
 
@@ -184,17 +235,24 @@ class Dispatcher:
     """The implementations of one op, by backend, and the rule that picks one. `values(*args)`, when
     given, checks tensor values (index order, mask counts) before any implementation runs."""
 
-    def __init__(self, op, order=ORDER, values=None):
+    def __init__(self, op, values=None):
         self.op = op
-        self.order = order
         self.values = values
         self.impls = {}
         self._reasons = _cache()  # (backend, signature) -> the kernel's reasons
         self._choices = _cache()  # (signature, request, preferred) -> the backend chosen
+        DISPATCHERS[op] = self
+
+    @property
+    def order(self):
+        """Every registered backend, in the order of preference."""
+        return tuple(REGISTRY)
 
     def register(self, backend, run, why_not=None):
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}")
+        """`run(*args)` serves this op on `backend` (a name in REGISTRY); `why_not(*args)`, when given,
+        lists why it cannot serve those arguments (its kernel's limits beyond the backend's device)."""
+        if backend not in REGISTRY:
+            raise ValueError(f"unknown backend {backend!r}: register it first (enat_kernels.backends.add)")
         self.impls[backend] = Impl(run, why_not)
 
     def reasons(self, backend, device, args, forced=False):
@@ -258,8 +316,8 @@ class Dispatcher:
 
     def run(self, backend, device, *args):
         """Run `backend` (as resolved by `select`, or as given to torch.ops.enat directly)."""
-        if backend not in BACKENDS:
-            raise ValueError(f"enat::{self.op}: backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+        if backend not in REGISTRY:
+            raise ValueError(f"enat::{self.op}: backend must be one of {_names()}, got {backend!r}")
         reasons = self.reasons(backend, device, args, forced=True)
         if reasons:
             raise BackendUnavailableError(

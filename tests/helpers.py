@@ -1,6 +1,10 @@
 """Shared test helpers: where each backend runs, awkward inputs, the error budget (the last two from
 enat_kernels.testing, which `python -m enat_kernels --check` uses too)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -18,6 +22,17 @@ CPU_KERNEL_DTYPES = (torch.float32, torch.float64)  # what the cpu backend's ker
 def triton_device():
     """Where Triton kernels run in this session: CPU tensors under the interpreter, else the GPU."""
     return "cpu" if triton_utils.INTERPRET else "cuda"
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_python(args, timeout=120):
+    """`python ARGS` in the repository root (one OpenMP thread, Triton compiling as without the tests):
+    the CompletedProcess, stdout and stderr as text."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 # Model helpers.

@@ -1,14 +1,16 @@
 """enat_kernels.ops.asymmetric_attention against the fp64 oracle (tests/oracle.py), on every backend
-that can run in this session.
+that can run on this machine.
 
 Forward and gradients follow the FlashAttention rule (docs/OPS.md, Tolerances): the error against the
 fp64 oracle is at most 2x (forward) or 3x (gradients) the error of the naive same-dtype PyTorch
-computation (cat + matmul + softmax in the input dtype), plus a one-ulp floor. The reference (and
-auto) run on CPU tensors; Triton on the GPU, or on CPU tensors in its interpreter when there is no
-GPU; CUDA on the GPU only.
+computation (cat + matmul + softmax in the input dtype), plus a floor of 4 ulps at the scale of the
+terms summed (enat_kernels.testing.FLOOR_ULPS). The reference, the C++ cpu kernels (and auto) run on
+CPU tensors; Triton on the GPU, or on CPU tensors in its interpreter when there is no GPU; CUDA on the
+GPU only.
 """
 
 import math
+import sys
 
 import pytest
 import torch
@@ -24,7 +26,19 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 NAMES = ("q", "k_ctx", "v_ctx", "k_self", "v_self")
 
 # backend -> device its tensors live on in this session (None = auto, on CPU tensors).
+ATTENTION = sys.modules["enat_kernels.ops.asymmetric_attention"]
 DEVICES = {"reference": "cpu", None: "cpu", "triton": helpers.triton_device(), "cuda": "cuda", "cpu": "cpu"}
+
+
+@pytest.fixture(autouse=True)
+def _refused_fp32_head_dims(request):
+    """On a GPU the Triton backend refuses fp32 above head dim TRITON_FP32_MAX_D (tested in
+    test_gpu_targets.py); the interpreter runs those cases on CPU tensors."""
+    params = request.node.callspec.params if hasattr(request.node, "callspec") else {}
+    shape = params.get("shape")
+    if (params.get("backend") == "triton" and DEVICES["triton"] == "cuda" and params.get("dtype") == torch.float32
+            and shape is not None and shape[-1] > ATTENTION.TRITON_FP32_MAX_D):
+        pytest.skip("the Triton backend refuses fp32 GPU tensors above head dim 32 (exact products spill registers)")
 
 
 def backend_params(backends, dtypes=DTYPES):

@@ -4,6 +4,7 @@ demo's training and sampling, and a short run whose EMA must sample as well as i
 
 import dataclasses
 import math
+import os
 
 import numpy as np
 import pytest
@@ -69,7 +70,7 @@ def test_demo_training_and_sampling_smoke(tmp_path):
 
 
 def test_demo_command_prints_scores_and_the_goal(tmp_path, capsys):
-    scores = demo.main(["--steps", "2", "--batch", "8", "--per-class", "2", "--no-progress", "--reuse-steps", "2",
+    scores = demo.main(["--steps", "2", "--batch-size", "8", "--per-class", "2", "--no-progress", "--reuse-steps", "2",
                         "--out", str(tmp_path / "demo.png")])
     out = capsys.readouterr().out
     assert "sampler settings: steps 12, cfg_scale 2.0, mask_temp 1.0, samp_temp 0.25" in out  # the config's
@@ -79,9 +80,31 @@ def test_demo_command_prints_scores_and_the_goal(tmp_path, capsys):
 
 
 def test_demo_sampler_flags_override_the_config(tmp_path, capsys):
-    demo.main(["--steps", "1", "--batch", "8", "--per-class", "1", "--no-progress", "--sample-steps", "4",
+    demo.main(["--steps", "1", "--batch-size", "8", "--per-class", "1", "--no-progress", "--sample-steps", "4",
                "--samp-temp", "0.5", "--cfg-scale", "0", "--out", ""])
     assert "sampler settings: steps 4, cfg_scale 0.0, mask_temp 1.0, samp_temp 0.5" in capsys.readouterr().out
+
+
+def test_demo_leaves_threads_and_random_state_as_they_were(tmp_path, capsys):
+    """The demo writes --out (folders made) and sets --threads for its run only; it seeds its own
+    generators and a fork of torch's RNG, so the caller's random state is untouched."""
+    threads = torch.get_num_threads()
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    out = tmp_path / "pictures" / "grids.png"
+    demo.main(["--steps", "1", "--batch-size", "8", "--per-class", "1", "--no-progress", "--threads",
+               str(threads + 1), "--out", str(out)])
+    assert out.exists() and f"wrote {out}" in capsys.readouterr().out
+    assert torch.get_num_threads() == threads
+    assert torch.equal(torch.get_rng_state(), state)
+    model = demo.init_model()
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), demo.init_model().parameters()))
+
+
+def test_demo_writes_the_repositorys_picture_by_default():
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert demo.build_parser().parse_args([]).out == os.path.join(repo, "docs", "demo.png")
 
 
 @pytest.fixture

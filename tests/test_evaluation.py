@@ -4,8 +4,6 @@ and VQGAN with --random-weights on a CPU, in one process and under torchrun (glo
 
 import json
 import os
-import subprocess
-import sys
 from unittest import mock
 
 import numpy as np
@@ -19,8 +17,8 @@ scipy_linalg = pytest.importorskip("scipy.linalg", reason="the eval extra (pytor
 import enat  # noqa: E402
 from enat import cli, evaluate, vq  # noqa: E402
 from enat import evaluation as E  # noqa: E402
+from helpers import run_python  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPS64 = np.finfo(np.float64).eps
 TINY = ["--random-weights", "--model", "tiny", "--vq-config", "tiny", "--resolution", "64", "--device", "cpu",
         "--no-progress"]
@@ -235,17 +233,6 @@ def test_stats_command_errors(tmp_path, capsys, weights):
 # python -m enat.evaluate
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    env.pop("TRITON_INTERPRET", None)
-    return env
-
-
-def _run(args, timeout=180):
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """Statistics of the FID Inception's size (synthetic: any mu and covariance serve)."""
@@ -325,11 +312,11 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     """One process and two (gloo), with no file but the outputs (random Inception, no reference): the same
     samples and, up to float64 rounding, the same statistics."""
     one, two = tmp_path / "one", tmp_path / "two"
-    single = _run(["-m", "enat.evaluate", *TINY, *RUN, *_outputs(one)])
+    single = run_python(["-m", "enat.evaluate", *TINY, *RUN, *_outputs(one)], timeout=180)
     assert single.returncode == 0, single.stderr[-3000:]
     assert "FID not computed (no --reference)" in single.stdout and single.stdout.count("images/s") == 4
-    multi = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "enat.evaluate", *TINY,
-                  *RUN, *_outputs(two)], timeout=240)
+    multi = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "enat.evaluate",
+                        *TINY, *RUN, *_outputs(two)], timeout=240)
     assert multi.returncode == 0, multi.stderr[-3000:]
     assert "2 processes" in multi.stdout and multi.stdout.count("IS ") == 1
     (r1, mu1, s1, x1, _), (r2, mu2, s2, x2, _) = _results(one), _results(two)

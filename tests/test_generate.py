@@ -3,8 +3,6 @@ run with --random-weights and the tiny ENAT / VQGAN configurations on a CPU, and
 paper's layout and of enat.train."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,21 +13,10 @@ import enat
 import enat.train
 from enat import cli, generate, tokenize, vq
 from enat.checkpoint import state_dict_of
+from helpers import run_python
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--random-weights", "--model", "tiny", "--vq-config", "tiny", "--resolution", "64", "--device", "cpu",
         "--no-progress"]
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    env.pop("TRITON_INTERPRET", None)
-    return env
-
-
-def _run(args, timeout=120):
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def _grid_size(n, nrow, side=64, pad=2):
@@ -42,8 +29,8 @@ def _grid_size(n, nrow, side=64, pad=2):
 
 def test_generate_writes_a_grid_and_one_png_per_image(tmp_path):
     grid, out_dir = tmp_path / "grid.png", tmp_path / "images"
-    result = _run(["-m", "enat.generate", *TINY, "--labels", "3", "1", "4", "--batch-size", "2",
-                   "--grid", str(grid), "--out-dir", str(out_dir)])
+    result = run_python(["-m", "enat.generate", *TINY, "--labels", "3", "1", "4", "--batch-size", "2",
+                         "--grid", str(grid), "--out-dir", str(out_dir)])
     assert result.returncode == 0, result.stderr
     with Image.open(grid) as im:
         assert im.mode == "RGB" and im.size == _grid_size(3, 2)
@@ -62,10 +49,10 @@ def test_generate_under_torchrun_matches_one_process(tmp_path):
     run's (up to 1/255 where thread counts change float rounding)."""
     one, two = tmp_path / "one.png", tmp_path / "two.png"
     common = [*TINY, "--num-classes", "5", "--batch-size", "2", "--seed", "3"]
-    single = _run(["-m", "enat.generate", *common, "--grid", str(one)])
+    single = run_python(["-m", "enat.generate", *common, "--grid", str(one)])
     assert single.returncode == 0, single.stderr
-    multi = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "enat.generate",
-                  *common, "--grid", str(two)], timeout=180)
+    multi = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "enat.generate",
+                        *common, "--grid", str(two)], timeout=180)
     assert multi.returncode == 0, multi.stderr[-3000:]
     assert "2 processes" in multi.stdout and multi.stdout.count("wrote") == 1
     a, b = (np.asarray(Image.open(p)).astype(int) for p in (one, two))
@@ -137,7 +124,7 @@ def _training_run(tmp_path):
     data = tmp_path / "tokens.npy"
     np.save(data, make_dataset(n_per_class=1))
     enat.train.main(["--depth-enc", "1", "--depth-dec", "1", "--width", "32", "--heads", "2", "--resolution", "128",
-                     "--vocab-size", "8", "--num-classes", "8", "--batch", "8", "--warmup", "1", "--ema", "0.5",
+                     "--vocab-size", "8", "--num-classes", "8", "--batch-size", "8", "--warmup", "1", "--ema", "0.5",
                      "--steps", "1", "--ckpt-every", "1", "--sample-every", "0", "--no-progress", "--data", str(data),
                      "--out", str(tmp_path / "run"), "--device", "cpu"])
     return tmp_path / "run" / "checkpoints" / "latest.pt"
@@ -220,7 +207,7 @@ def test_tokenize_layout_flips_and_unreadable_files(tmp_path, capsys, flip):
     # row layout: the label, then the ids of the preprocessed image (and of its mirror) in row-major order
     model = _tiny_vqgan()
     with Image.open(root / "n02_dog" / "c.png") as im:
-        pixels = torch.from_numpy(tokenize.center_crop_arr(im, 64).copy()).permute(2, 0, 1)[None].float() / 255
+        pixels = torch.from_numpy(cli.center_crop_arr(im, 64).copy()).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
         want = model.encode(pixels)[0].numpy()
         want_flip = model.encode(pixels.flip(-1))[0].numpy()
@@ -232,13 +219,13 @@ def test_tokenize_layout_flips_and_unreadable_files(tmp_path, capsys, flip):
 def test_center_crop_arr():
     rng = np.random.default_rng(1)
     big = Image.fromarray(rng.integers(0, 256, (300, 200, 3), dtype=np.uint8))  # halved once, then resized
-    assert tokenize.center_crop_arr(big, 64).shape == (64, 64, 3)
+    assert cli.center_crop_arr(big, 64).shape == (64, 64, 3)
     grey = Image.fromarray(rng.integers(0, 256, (40, 90), dtype=np.uint8))  # upscaled, converted to RGB
-    assert tokenize.center_crop_arr(grey, 64).shape == (64, 64, 3)
+    assert cli.center_crop_arr(grey, 64).shape == (64, 64, 3)
     # a wide image keeps its centre: a 64 x 128 image whose middle 64 columns are white
     arr = np.zeros((64, 128, 3), dtype=np.uint8)
     arr[:, 32:96] = 255
-    assert (tokenize.center_crop_arr(Image.fromarray(arr), 64) == 255).all()
+    assert (cli.center_crop_arr(Image.fromarray(arr), 64) == 255).all()
 
 
 def test_tokenize_errors(tmp_path, capsys):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import enat_kernels
+from enat_kernels import backends
 
 from helpers import needs_gpu
 
@@ -20,12 +21,9 @@ CPP_DEFS = re.compile(r'm\.def\("(\w+)\(')
 CPP_IMPLS = re.compile(r'm\.impl\("(\w+)"')
 PY_DEFS = re.compile(r'define\(\s*"(\w+)\(')
 
-# The public ops of the op contract (docs/OPS.md) and the backward-only ops their autograd uses.
-PUBLIC_OPS = {
-    "asymmetric_attention", "asymmetric_attention_backward", "mask_to_index", "gather_tokens", "scatter_tokens",
-    "scatter_tokens_", "split_tokens", "restore_tokens", "merge_cache", "scatter_into_zeros", "zero_rows",
-    "merge_cache_backward", "adaln", "adaln_backward", "residual_adaln", "residual_adaln_backward",
-}
+# The ops of the registry: the public ops of the op contract (docs/OPS.md) and the backward-only ops
+# their autograd uses, each with its dispatcher.
+PUBLIC_OPS = set(backends.DISPATCHERS)
 
 # The CUDA kernel ops of the extension (csrc/ops.cpp).
 CUDA_KERNELS = [
@@ -44,6 +42,7 @@ def test_each_public_op_is_defined_once_in_python():
     exactly once, and C++ defines none of them."""
     defined = _found(PY_DEFS, sorted((ROOT / "enat_kernels" / "ops").glob("*.py")))
     assert sorted(defined) == sorted(PUBLIC_OPS)
+    assert set(enat_kernels.ops.__all__) <= PUBLIC_OPS and set(backends.ENTRIES) == set(enat_kernels.ops.__all__)
     registered = {n.removeprefix("enat::") for n in torch._C._dispatch_get_all_op_names() if n.startswith("enat::")}
     assert PUBLIC_OPS <= registered
     for name in PUBLIC_OPS:
@@ -82,6 +81,17 @@ def test_extension_is_built_when_required():
         "enat::asymmetric_attention_cuda(Tensor q, Tensor k_ctx, Tensor v_ctx, Tensor k_self, Tensor v_self, "
         "float scale) -> (Tensor, Tensor)"
     )
+
+
+def test_missing_extension_is_reported_plainly(monkeypatch):
+    """No enat_kernels._C module: the reason says it is not built (not a circular import)."""
+    import importlib.util
+
+    from enat_kernels import _library
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    loaded, error = _library._load_extension()
+    assert not loaded and error.startswith("the CUDA extension enat_kernels._C is not built: pip install -e .")
 
 
 @needs_gpu

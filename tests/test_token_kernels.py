@@ -1,12 +1,11 @@
-"""The token-movement kernels (Triton, CUDA) against the exact oracle (tests/oracle.py).
+"""The token-movement kernels themselves, against the exact oracle (tests/oracle.py); the ops'
+contract on every backend is tests/test_tokens.py's.
 
-Every op, forward and backward, on every kernel backend that can run in this session: Triton on
-the GPU or in its interpreter on CPU tensors (no GPU), CUDA on the GPU. Awkward sizes (n = 0,
-n = L, D = 3, 8, 61, 1024), non-contiguous inputs and NaN past each tensor's logical end. On a GPU
-also: no host sync (torch.cuda.set_sync_debug_mode("error")), CUDA-graph capture, opcheck and
-torch.compile. The Triton kernels are also called directly: every autotuning config of each, rows
-wider than one tile, mask rows with the wrong count and broken index rows (never out of bounds).
-Token movement is exact, so every comparison is torch.equal.
+The Triton launchers called directly (enat_kernels/ops/_tiles.py describes their tiles): every
+autotuning config of each, rows wider than one tile, mask rows with the wrong count and broken index
+rows (never out of bounds). On a GPU, every kernel backend of the token ops: no host sync
+(torch.cuda.set_sync_debug_mode("error")), CUDA-graph capture and torch.compile. Token movement is
+exact, so every comparison is torch.equal.
 """
 
 import sys
@@ -15,27 +14,19 @@ import pytest
 import torch
 
 import enat_kernels.ops as K
-from enat_kernels import triton_utils
+from enat_kernels import backends, info
+from enat_kernels.ops import _tiles
 
 import helpers
 import oracle
 
-DEVICES = {"triton": helpers.triton_device(), "cuda": "cuda"}
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int64": torch.int64}
-# (B, L, n, D): n = 0, n = L, L = 1, odd and prime sizes, D in {3, 8, 61, 1024}.
-CASES = [(2, 7, 0, 8), (2, 7, 7, 3), (1, 1, 1, 61), (2, 13, 5, 61), (1, 9, 4, 1024), (3, 10, 3, 8)]
+TOKEN_OPS = [op for op, spec in info.OPS.items() if spec.kind == "tokens"]
 LAYOUTS = {"contiguous": lambda t: t, "strided": helpers.strided, "padded": helpers.padded}
-
-
-def backends():
-    return [
-        pytest.param(b, marks=[helpers.needs_triton] if b == "triton" else [helpers.needs_gpu], id=b)
-        for b in DEVICES
-    ]
-
-
-def cid(c):
-    return "B{}-L{}-n{}-D{}".format(*c)
+# The backends with a kernel (not the reference) for every token op, for the GPU-only tests.
+KERNELS = [pytest.param(b, marks=[] if backends.device_for(b) == "cuda" else [pytest.mark.skip(
+               reason=f"{b} does not run on a GPU in this session")], id=b)
+           for b in backends.BACKENDS
+           if b != "reference" and all(b in backends.DISPATCHERS[op].impls for op in TOKEN_OPS)]
 
 
 def equal(out, ref, what):
@@ -57,56 +48,7 @@ def inputs(case, dtype, device, layout):
     return to(x), to(mask), to(index), to(visible_index), to(src)
 
 
-@pytest.mark.parametrize("backend", backends())
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
-@pytest.mark.parametrize("case", CASES, ids=cid)
-def test_every_op_matches_the_oracle(case, dtype, layout, backend):
-    B, L, n, D = case
-    x, mask, index, visible_index, src = inputs(case, dtype, DEVICES[backend], layout)
-    what = f"{backend} {cid(case)} {dtype} {layout}"
-    cpu = lambda t: t.cpu()  # noqa: E731
-    equal(K.mask_to_index(mask, n, backend=backend), oracle.mask_to_index(cpu(mask)), f"mask_to_index {what}")
-    equal(K.gather_tokens(x, index, backend=backend), oracle.gather(cpu(x), cpu(index)), f"gather {what}")
-    expected = oracle.scatter(cpu(x), cpu(index), cpu(src))
-    equal(K.scatter_tokens(x, index, src, backend=backend), expected, f"scatter {what}")
-    base = x.clone()
-    assert K.scatter_tokens_(base, index, src, backend=backend) is base
-    equal(base, expected, f"scatter_ {what}")
-    visible, masked = K.split_tokens(x, mask, n, backend=backend)
-    ref_visible, ref_masked = oracle.split(cpu(x), cpu(mask))
-    equal(visible, ref_visible, f"split visible {what}")
-    equal(masked, ref_masked, f"split masked {what}")
-    v, m = LAYOUTS[layout](ref_visible.to(x.device)), LAYOUTS[layout](ref_masked.to(x.device))
-    equal(K.restore_tokens(v, m, mask, backend=backend), oracle.restore(ref_visible, ref_masked, cpu(mask)), f"restore {what}")
-    merged = K.merge_cache(m, index, v, visible_index, backend=backend)
-    equal(merged, oracle.merge(ref_masked, cpu(index), ref_visible, cpu(visible_index)), f"merge_cache {what}")
-
-
-@pytest.mark.parametrize("backend", backends())
-@pytest.mark.parametrize("case", CASES, ids=cid)
-def test_every_backward_matches_the_reference(case, backend):
-    """Gradients through each op (one-launch backward kernels) equal the reference backend's, which
-    test_tokens.py checks with gradcheck."""
-    B, L, n, D = case
-    x, mask, index, visible_index, src = inputs(case, torch.float32, DEVICES[backend], "strided")
-    weights = torch.randn(B, L, D, device=x.device)
-
-    def grads(b):
-        leaves = [t.detach().clone().requires_grad_() for t in (x, src)]
-        xx, ss = leaves
-        visible, masked = K.split_tokens(xx, mask, n, backend=b)
-        restored = K.restore_tokens(visible * 2, masked * 3, mask, backend=b)
-        merged = K.merge_cache(masked, index, visible, visible_index, backend=b)
-        scattered = K.scatter_tokens(xx, index, ss, backend=b)
-        gathered = K.gather_tokens(xx, index, backend=b)
-        loss = ((restored + merged + scattered) * weights).sum() + (gathered * weights[:, :n]).sum()
-        return torch.autograd.grad(loss, leaves)
-
-    for name, got, want in zip(("x", "src"), grads(backend), grads("reference")):
-        equal(got, want, f"d{name} {backend} {cid(case)}")
-
-
+@helpers.needs_triton
 def test_rows_with_the_wrong_count_never_go_out_of_bounds():
     """A mask row with fewer True entries than n_masked breaks the precondition: the Triton kernels
     leave the missing slots (L in mask_to_index, zeros in restore) instead of reading or writing
@@ -125,14 +67,14 @@ def test_rows_with_the_wrong_count_never_go_out_of_bounds():
     assert out[1, 3].tolist() == [0.0, 0.0, 0.0]  # the third visible row does not exist
 
 
-# The Triton kernels themselves (enat_kernels/triton_utils.py describes their tiles): every config of
+# The Triton kernels themselves (enat_kernels/ops/_tiles.py describes their tiles): every config of
 # every kernel, called directly with `config=`, on shapes that take several programs per batch row and
 # several rows per program with a partial last block, D not a power of two, offset and strided views.
 
 GS = sys.modules["enat_kernels.ops.gather_scatter"]
 SR = sys.modules["enat_kernels.ops.split_restore"]
 MC = sys.modules["enat_kernels.ops.merge_cache"]
-CONFIGS = triton_utils.TOKEN_CONFIGS if triton_utils.triton is not None else []
+CONFIGS = _tiles.TOKEN_CONFIGS if _tiles.triton is not None else []
 
 
 def config_id(c):
@@ -211,10 +153,10 @@ def config_case_id(c):
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
 def test_every_config_of_every_token_kernel(config, case):
     B, L, n, D, dtype, layout = case
-    block_d = triton_utils.row_tile(D)[0]
+    block_d = _tiles.row_tile(D)[0]
     args = {"BLOCK_D": block_d, "x": torch.empty(0, dtype=dtype), "TILE_BYTES": config.kwargs["TILE_BYTES"],
-            "rows_key": triton_utils.rows_bucket(L)}
-    block_n = triton_utils.block_rows("x")(args)
+            "rows_key": _tiles.rows_bucket(L)}
+    block_n = _tiles.block_rows("x")(args)
     assert 1 < block_n < L and L % block_n and (B * n) % block_n, f"{block_n} rows per program"
     g = torch.Generator().manual_seed(L)
     mask = oracle.random_mask(B, L, n, generator=g)
@@ -226,8 +168,8 @@ def test_every_config_of_every_token_kernel(config, case):
 
 
 @helpers.needs_triton
-@pytest.mark.parametrize("case", [(1, 4, 2, triton_utils.MAX_BLOCK_D + 61, torch.float32),
-                                  (1, 3, 1, 2 * triton_utils.MAX_BLOCK_D, torch.int8)], ids=lambda c: f"D{c[3]}")
+@pytest.mark.parametrize("case", [(1, 4, 2, _tiles.MAX_BLOCK_D + 61, torch.float32),
+                                  (1, 3, 1, 2 * _tiles.MAX_BLOCK_D, torch.int8)], ids=lambda c: f"D{c[3]}")
 def test_rows_wider_than_one_tile(case):
     """D above MAX_BLOCK_D: several programs along D (the last one partial, or all full)."""
     B, L, n, D, dtype = case
@@ -294,7 +236,7 @@ def test_broken_index_rows_stay_in_bounds():
 
 
 @helpers.needs_gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", KERNELS)
 def test_no_host_sync_with_counts_given(backend):
     x, mask, index, visible_index, src = inputs((4, 256, 100, 64), torch.float16, "cuda", "contiguous")
     x.requires_grad_(True)
@@ -315,7 +257,7 @@ def test_no_host_sync_with_counts_given(backend):
 
 
 @helpers.needs_gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", KERNELS)
 def test_cuda_graph_capture(backend):
     x, mask, index, visible_index, src = inputs((4, 64, 20, 128), torch.bfloat16, "cuda", "contiguous")
 
@@ -336,18 +278,11 @@ def test_cuda_graph_capture(backend):
 
 
 @helpers.needs_gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_opcheck_and_compile_on_gpu(backend):
+@pytest.mark.parametrize("backend", KERNELS)
+def test_compile_on_gpu(backend):
+    """torch.compile(fullgraph=True) of a chain of the ops on strided inputs equals the eager chain
+    (opcheck of each op on each backend: tests/test_tokens.py)."""
     x, mask, index, visible_index, src = inputs((2, 13, 5, 61), torch.float32, "cuda", "strided")
-    ops = torch.ops.enat
-    for op, args in (
-        (ops.mask_to_index.default, (mask, 5, backend)),
-        (ops.gather_tokens.default, (x, index, backend)),
-        (ops.scatter_tokens.default, (x, index, src, backend)),
-        (ops.split_tokens.default, (x, mask, 5, backend)),
-        (ops.merge_cache.default, (src, index, x[:, :8], visible_index, backend)),
-    ):
-        torch.library.opcheck(op, args)
 
     def f(x, src):
         idx = K.mask_to_index(mask, 5, backend=backend)

@@ -1,19 +1,26 @@
-"""Critical-token movement ops against the oracle (tests/oracle.py): exact equality (docs/OPS.md: token
-movement ops are exact), awkward shapes (n = 0, n = L, L = 1, D in {1, 3, 8, 61, 1024}),
-non-contiguous inputs, NaN-filled memory past the logical end, gradients, opcheck and bad input.
+"""The critical-token movement ops' contract (docs/OPS.md section 2) on every backend that has them:
+exact equality with the oracle (tests/oracle.py; token movement is exact), awkward shapes (n = 0,
+n = L, L = 1, D in {1, 3, 8, 61, 1024}), non-contiguous inputs, NaN-filled memory past the logical
+end, gradients, opcheck, and bad input.
 
-The reference backend runs on CPU tensors; the Triton kernels run on CPU tensors in Triton's
-interpreter here (tests/conftest.py), or on the GPU where there is one (helpers.triton_device()).
+The ops are info.OPS's token ops and the backends those with an implementation of the op, each run
+where it can run in this session (enat_kernels.backends.device_for): the reference on CPU tensors
+(the GPU where there is one), Triton in its interpreter on CPU tensors (tests/conftest.py) or on
+the GPU, CUDA on the GPU. The kernels' own internals (every config, tiles, broken preconditions, GPU
+streams and graphs) are tests/test_token_kernels.py's.
 """
 
 import pytest
 import torch
 
 import enat_kernels.ops as K
+from enat_kernels import backends, info
 from enat_kernels.backends import BackendUnavailableError
 
 import helpers
 import oracle
+
+TOKEN_OPS = [op for op, spec in info.OPS.items() if spec.kind == "tokens"]
 
 DTYPES = {
     "fp16": torch.float16,
@@ -39,8 +46,48 @@ def cid(c):
     return "B{}-L{}-n{}-D{}".format(*c)
 
 
+def backends_of(*ops):
+    """pytest params of every backend with an implementation of each of `ops`, skipped where it cannot
+    run here."""
+    params = []
+    for name in backends.BACKENDS:
+        if not all(name in backends.DISPATCHERS[op].impls for op in ops):
+            continue
+        marks = []
+        if backends.device_for(name) is None:
+            why = backends.REGISTRY[name].device_reasons(torch.device("cuda"), True)
+            marks.append(pytest.mark.skip(reason=f"{name} cannot run here: {'; '.join(why) or 'no GPU'}"))
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+def kernels_of(*ops):
+    """backends_of(*ops) without the reference: the kernels, checked against the reference backend."""
+    return [p for p in backends_of(*ops) if p.values[0] != "reference"]
+
+
+def op_backends(ops, of=backends_of):
+    """pytest params (op, backend) of each op of `ops` on each of its backends (`of`: or its kernels)."""
+    return [pytest.param(op, *b.values, marks=b.marks, id=f"{op}-{b.id}") for op in ops for b in of(op)]
+
+
 def data(shape, dtype=torch.float32, device="cpu"):
     return oracle.random_tensor(shape, dtype).to(device)
+
+
+def on(backend, *tensors):
+    """The tensors on the device where `backend` runs."""
+    device = backends.device_for(backend)
+    moved = tuple(t.to(device) for t in tensors)
+    return moved if len(moved) > 1 else moved[0]
+
+
+def forced(op, backend, *args):
+    """K.<op>(*args, backend=backend); a backend that declines these inputs skips the test, naming why."""
+    try:
+        return getattr(K, op)(*args, backend=backend)
+    except BackendUnavailableError as e:
+        pytest.skip(f"{backend} declines these inputs: {e}")
 
 
 def no_nan(t):
@@ -52,6 +99,11 @@ def assert_exact(out, ref, what=""):
     assert out.dtype == ref.dtype, f"{what}: dtype {out.dtype} != {ref.dtype}"
     assert no_nan(out), f"{what}: NaN in the result (an out-of-bounds read?)"
     assert torch.equal(out.cpu(), ref.cpu()), f"{what}: values differ from the oracle"
+
+
+def cpu(*tensors):
+    moved = tuple(t.cpu() for t in tensors)
+    return moved if len(moved) > 1 else moved[0]
 
 
 # Layouts. Each returns a tensor equal to its argument, stored differently.
@@ -86,23 +138,6 @@ INDEX_LAYOUTS = {
     "padded": helpers.padded,
     "strided": helpers.strided,
 }
-
-
-# mask_to_index.
-
-MASK_CASES = [(1, 1, 0), (1, 1, 1), (3, 7, 0), (3, 7, 7), (3, 13, 5), (1, 64, 17), (2, 1000, 3)]
-
-
-@pytest.mark.parametrize("given", [False, True], ids=["count_none", "count_given"])
-@pytest.mark.parametrize("case", MASK_CASES, ids=lambda c: "B{}-L{}-n{}".format(*c))
-def test_mask_to_index(case, given):
-    B, L, n = case
-    mask = oracle.random_mask(B, L, n)
-    out = K.mask_to_index(mask, n if given else None, backend="reference")
-    assert out.dtype == torch.int64 and out.shape == (B, n)
-    assert_exact(out, oracle.mask_to_index(mask))
-
-
 MASK_LAYOUTS = {
     "t": lambda m: m.t().contiguous().t(),
     "strided": helpers.strided,  # the gaps hold True
@@ -112,65 +147,87 @@ MASK_LAYOUTS = {
 }
 
 
+def test_every_token_op_is_covered():
+    """The ops this file iterates over are the registry's token ops, each with its bad inputs."""
+    assert TOKEN_OPS and set(TOKEN_OPS) <= set(K.__all__) <= set(backends.DISPATCHERS)
+    assert set(BAD_INPUTS) == set(TOKEN_OPS)
+
+
+# mask_to_index.
+
+MASK_CASES = [(1, 1, 0), (1, 1, 1), (3, 7, 0), (3, 7, 7), (3, 13, 5), (1, 64, 17), (2, 1000, 3)]
+
+
+@pytest.mark.parametrize("backend", backends_of("mask_to_index"))
+@pytest.mark.parametrize("given", [False, True], ids=["count_none", "count_given"])
+@pytest.mark.parametrize("case", MASK_CASES, ids=lambda c: "B{}-L{}-n{}".format(*c))
+def test_mask_to_index(case, given, backend):
+    B, L, n = case
+    mask = oracle.random_mask(B, L, n)
+    out = forced("mask_to_index", backend, on(backend, mask), n if given else None)
+    assert out.dtype == torch.int64 and out.shape == (B, n)
+    assert_exact(out, oracle.mask_to_index(mask))
+
+
+@pytest.mark.parametrize("backend", backends_of("mask_to_index"))
 @pytest.mark.parametrize("given", [False, True], ids=["count_none", "count_given"])
 @pytest.mark.parametrize("layout", list(MASK_LAYOUTS))
-def test_mask_to_index_non_contiguous(layout, given):
+def test_mask_to_index_non_contiguous(layout, given, backend):
     B, L, n = 3, 11, 4
     mask = oracle.random_mask(B, L, n)
     if layout == "expanded":
         mask = mask[:1].expand(B, L).clone()
-    view = MASK_LAYOUTS[layout](mask)
-    assert torch.equal(view, mask)
-    out = K.mask_to_index(view, n if given else None)
+    view = MASK_LAYOUTS[layout](on(backend, mask))
+    assert torch.equal(view.cpu(), mask)
+    out = forced("mask_to_index", backend, view, n if given else None)
     assert_exact(out, oracle.mask_to_index(mask))
 
 
 # gather_tokens.
 
 
+@pytest.mark.parametrize("backend", backends_of("gather_tokens"))
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("case", CASES, ids=cid)
-def test_gather(case, dtype):
+def test_gather(case, dtype, backend):
     B, L, n, D = case
-    x = data((B, L, D), dtype)
-    index = oracle.random_index(B, L, n)
-    out = K.gather_tokens(x, index, backend="reference")
-    assert_exact(out, oracle.gather(x, index), f"gather {cid(case)}")
+    x, index = on(backend, data((B, L, D), dtype), oracle.random_index(B, L, n))
+    out = forced("gather_tokens", backend, x, index)
+    assert out.device == x.device
+    assert_exact(out, oracle.gather(*cpu(x, index)), f"gather {cid(case)}")
 
 
+@pytest.mark.parametrize("backend", backends_of("gather_tokens"))
 @pytest.mark.parametrize("index_layout", [*INDEX_LAYOUTS, "expanded"])
 @pytest.mark.parametrize("x_layout", [*DATA_LAYOUTS, "expanded"])
-def test_gather_non_contiguous(x_layout, index_layout):
+def test_gather_non_contiguous(x_layout, index_layout, backend):
     B, L, n, D = 3, 10, 4, 61
-    x = data((B, L, D))
-    index = oracle.random_index(B, L, n)
-    if x_layout == "expanded":
-        x = expanded_rows(x)
-    else:
-        x = DATA_LAYOUTS[x_layout](x)
-    if index_layout == "expanded":
-        index = expanded_rows(index)
-    else:
-        index = INDEX_LAYOUTS[index_layout](index)
-    out = K.gather_tokens(x, index)
-    assert_exact(out, oracle.gather(x, index), f"gather x:{x_layout} index:{index_layout}")
+    x, index = on(backend, data((B, L, D)), oracle.random_index(B, L, n))
+    x = expanded_rows(x) if x_layout == "expanded" else DATA_LAYOUTS[x_layout](x)
+    index = expanded_rows(index) if index_layout == "expanded" else INDEX_LAYOUTS[index_layout](index)
+    out = forced("gather_tokens", backend, x, index)
+    assert_exact(out, oracle.gather(*cpu(x, index)), f"gather x:{x_layout} index:{index_layout}")
 
 
 # scatter_tokens (out of place) and scatter_tokens_ (in place).
 
 
+@pytest.mark.parametrize("op,backend", op_backends(["scatter_tokens", "scatter_tokens_"]))
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("case", CASES, ids=cid)
-def test_scatter(case, dtype):
+def test_scatter(case, dtype, op, backend):
+    """scatter_tokens leaves base as it was and returns a new tensor; scatter_tokens_ writes into base
+    and returns it."""
     B, L, n, D = case
-    base = data((B, L, D), dtype)
-    src = data((B, n, D), dtype)
-    index = oracle.random_index(B, L, n)
-    before = base.clone()
-    out = K.scatter_tokens(base, index, src, backend="reference")
-    assert_exact(out, oracle.scatter(base, index, src), f"scatter {cid(case)}")
-    assert torch.equal(base, before), "scatter_tokens modified base"
-    assert out.data_ptr() != base.data_ptr() or out.numel() == 0
+    base, src, index = on(backend, data((B, L, D), dtype), data((B, n, D), dtype), oracle.random_index(B, L, n))
+    before, ptr = base.clone(), base.data_ptr()
+    out = forced(op, backend, base, index, src)
+    assert_exact(out, oracle.scatter(*cpu(before, index, src)), f"{op} {cid(case)}")
+    if op == "scatter_tokens_":
+        assert out is base and base.data_ptr() == ptr, "scatter_tokens_ must write into base and return it"
+    else:
+        assert torch.equal(base, before), "scatter_tokens modified base"
+        assert out.data_ptr() != base.data_ptr() or out.numel() == 0
 
 
 SCATTER_LAYOUTS = {
@@ -195,39 +252,24 @@ def _scatter_inputs(layout, B=3, L=10, n=4, D=61, dtype=torch.float32, device="c
     base = data((B, L, D), dtype, device)
     src = data((B, n, D), dtype, device)
     index = oracle.random_index(B, L, n).to(device)
-    fns = SCATTER_LAYOUTS.get(layout, {})
     args = dict(base=base, index=index, src=src)
-    for name, fn in fns.items():
+    for name, fn in SCATTER_LAYOUTS.get(layout, {}).items():
         args[name] = fn(args[name])
     return args["base"], args["index"], args["src"]
 
 
+@pytest.mark.parametrize("backend", backends_of("scatter_tokens"))
 @pytest.mark.parametrize("layout", list(SCATTER_LAYOUTS))
-def test_scatter_non_contiguous(layout):
-    base, index, src = _scatter_inputs(layout)
-    out = K.scatter_tokens(base, index, src)
-    assert_exact(out, oracle.scatter(base, index, src), f"scatter {layout}")
-
-
-@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
-@pytest.mark.parametrize("case", CASES, ids=cid)
-def test_scatter_inplace(case, dtype):
-    B, L, n, D = case
-    base = data((B, L, D), dtype)
-    src = data((B, n, D), dtype)
-    index = oracle.random_index(B, L, n)
-    expected = oracle.scatter(base, index, src)
-    ptr = base.data_ptr()
-    out = K.scatter_tokens_(base, index, src, backend="reference")
-    assert out is base, "scatter_tokens_ must return base itself"
-    assert base.data_ptr() == ptr
-    assert_exact(base, expected, f"scatter_ {cid(case)}")
+def test_scatter_non_contiguous(layout, backend):
+    base, index, src = _scatter_inputs(layout, device=backends.device_for(backend))
+    out = forced("scatter_tokens", backend, base, index, src)
+    assert_exact(out, oracle.scatter(*cpu(base, index, src)), f"scatter {layout}")
 
 
 def _storage_outside(view):
-    """The elements of view's storage that the view does not cover (the NaN gaps and tail)."""
+    """The elements of view's storage that the view does not cover (the NaN gaps and tail), on the CPU."""
     full = view._base if view._base is not None else view
-    flat = full.flatten()
+    flat = full.flatten().cpu()
     covered = torch.zeros(flat.numel(), dtype=torch.bool)
     offs = torch.as_strided(
         torch.arange(flat.numel()), view.shape, view.stride(), view.storage_offset() - full.storage_offset()
@@ -236,14 +278,15 @@ def _storage_outside(view):
     return flat[~covered]
 
 
+@pytest.mark.parametrize("backend", backends_of("scatter_tokens_"))
 @pytest.mark.parametrize(
     "layout", ["base_strided", "base_padded", "base_transposed", "base_last_dim_strided", "src_strided", "index_t", "all_strided"]
 )
-def test_scatter_inplace_non_contiguous(layout):
-    base, index, src = _scatter_inputs(layout)
+def test_scatter_inplace_non_contiguous(layout, backend):
+    base, index, src = _scatter_inputs(layout, device=backends.device_for(backend))
     outside = _storage_outside(base).clone()
-    expected = oracle.scatter(base, index, src)
-    out = K.scatter_tokens_(base, index, src)
+    expected = oracle.scatter(*cpu(base, index, src))
+    out = forced("scatter_tokens_", backend, base, index, src)
     assert out is base
     assert_exact(base, expected, f"scatter_ {layout}")
     after = _storage_outside(base)
@@ -252,59 +295,40 @@ def test_scatter_inplace_non_contiguous(layout):
     ), "scatter_tokens_ wrote outside base's view"
 
 
-def test_scatter_inplace_refuses_expanded_base():
-    """In-place writes into a stride-0 (expanded) base would alias rows: a clear error naming base."""
-    base, index, src = _scatter_inputs("base_expanded")
-    with pytest.raises((ValueError, TypeError), match="base"):
-        K.scatter_tokens_(base, index, src)
-
-
-@pytest.mark.parametrize("which", ["base", "src", "both"])
-def test_scatter_inplace_refuses_requires_grad(which):
-    base, index, src = _scatter_inputs("contiguous", B=2, L=5, n=2, D=3)
-    if which in ("base", "both"):
-        base.requires_grad_()
-    if which in ("src", "both"):
-        src.requires_grad_()
-    with pytest.raises(ValueError, match="requires grad"):
-        K.scatter_tokens_(base, index, src)
-
-
 # split_tokens and restore_tokens.
 
 
+@pytest.mark.parametrize("backend", backends_of("split_tokens"))
 @pytest.mark.parametrize("given", [False, True], ids=["n_none", "n_given"])
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("case", CASES, ids=cid)
-def test_split(case, dtype, given):
+def test_split(case, dtype, given, backend):
     B, L, n, D = case
-    x = data((B, L, D), dtype)
-    mask = oracle.random_mask(B, L, n)
-    visible, masked = K.split_tokens(x, mask, n if given else None, backend="reference")
-    ref_visible, ref_masked = oracle.split(x, mask)
+    x, mask = on(backend, data((B, L, D), dtype), oracle.random_mask(B, L, n))
+    visible, masked = forced("split_tokens", backend, x, mask, n if given else None)
+    ref_visible, ref_masked = oracle.split(*cpu(x, mask))
     assert_exact(visible, ref_visible, "visible")
     assert_exact(masked, ref_masked, "masked")
     assert visible.shape == (B, L - n, D) and masked.shape == (B, n, D)
 
 
+@pytest.mark.parametrize("backend", backends_of("restore_tokens"))
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("case", CASES, ids=cid)
-def test_restore(case, dtype):
+def test_restore(case, dtype, backend):
     B, L, n, D = case
-    mask = oracle.random_mask(B, L, n)
-    visible = data((B, L - n, D), dtype)
-    masked = data((B, n, D), dtype)
-    out = K.restore_tokens(visible, masked, mask, backend="reference")
-    assert_exact(out, oracle.restore(visible, masked, mask), f"restore {cid(case)}")
+    mask, visible, masked = on(backend, oracle.random_mask(B, L, n), data((B, L - n, D), dtype), data((B, n, D), dtype))
+    out = forced("restore_tokens", backend, visible, masked, mask)
+    assert_exact(out, oracle.restore(*cpu(visible, masked, mask)), f"restore {cid(case)}")
 
 
+@pytest.mark.parametrize("backend", backends_of("split_tokens"))
 @pytest.mark.parametrize(
     "layout", ["x_strided", "x_padded", "x_transposed", "x_last_dim_strided", "mask_t", "mask_strided", "mask_padded", "mask_expanded"]
 )
-def test_split_restore_non_contiguous(layout):
+def test_split_restore_non_contiguous(layout, backend):
     B, L, n, D = 3, 12, 5, 61
-    x = data((B, L, D))
-    mask = oracle.random_mask(B, L, n)
+    x, mask = on(backend, data((B, L, D)), oracle.random_mask(B, L, n))
     if layout == "mask_expanded":
         mask = mask[:1].expand(B, L).clone()
     what, kind = layout.split("_", 1)
@@ -312,17 +336,16 @@ def test_split_restore_non_contiguous(layout):
         x = DATA_LAYOUTS[kind](x)
     else:
         mask = MASK_LAYOUTS[kind](mask)
-    ref_visible, ref_masked = oracle.split(x, mask)
-    visible, masked = K.split_tokens(x, mask)
+    ref_visible, ref_masked = oracle.split(*cpu(x, mask))
+    visible, masked = forced("split_tokens", backend, x, mask)
     assert_exact(visible, ref_visible, f"visible {layout}")
     assert_exact(masked, ref_masked, f"masked {layout}")
     # restore from non-contiguous pieces of the same layout
+    v_in, m_in = on(backend, ref_visible, ref_masked)
     if what == "x":
-        v_in, m_in = DATA_LAYOUTS[kind](ref_visible), DATA_LAYOUTS[kind](ref_masked)
-    else:
-        v_in, m_in = ref_visible, ref_masked
-    out = K.restore_tokens(v_in, m_in, mask)
-    assert_exact(out, oracle.restore(ref_visible, ref_masked, mask), f"restore {layout}")
+        v_in, m_in = DATA_LAYOUTS[kind](v_in), DATA_LAYOUTS[kind](m_in)
+    out = forced("restore_tokens", backend, v_in, m_in, mask)
+    assert_exact(out, oracle.restore(ref_visible, ref_masked, mask.cpu()), f"restore {layout}")
     assert_exact(out, x.contiguous(), f"round trip {layout}")
 
 
@@ -379,41 +402,42 @@ def disjoint_indices(B, L, nf, nc):
     )
 
 
+@pytest.mark.parametrize("backend", backends_of("merge_cache"))
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("case", MERGE_CASES, ids=mid)
-def test_merge_cache(case, dtype):
+def test_merge_cache(case, dtype, backend):
     B, L, nf, nc, D = case
     fi, ci = disjoint_indices(B, L, nf, nc)
-    fresh, cached = data((B, nf, D), dtype), data((B, nc, D), dtype)
-    out = K.merge_cache(fresh, fi, cached, ci, backend="reference")
-    assert_exact(out, oracle.merge(fresh, fi, cached, ci), f"merge {mid(case)}")
+    args = on(backend, data((B, nf, D), dtype), fi, data((B, nc, D), dtype), ci)
+    out = forced("merge_cache", backend, *args)
+    assert_exact(out, oracle.merge(*cpu(*args)), f"merge {mid(case)}")
     assert out.shape == (B, nf + nc, D)
 
 
-@pytest.mark.parametrize(
-    "layout",
-    ["fresh_strided", "fresh_padded", "cached_transposed", "cached_padded", "fresh_index_t", "cached_index_padded",
-     "cached_index_strided", "fresh_last_dim_strided", "all_strided"],
-)
-def test_merge_cache_non_contiguous(layout):
+MERGE_LAYOUTS = {
+    "fresh_strided": dict(fresh=helpers.strided),
+    "fresh_padded": dict(fresh=helpers.padded),
+    "cached_transposed": dict(cached=transposed_bl),
+    "cached_padded": dict(cached=helpers.padded),
+    "fresh_index_t": dict(fresh_index=index_t),
+    "cached_index_padded": dict(cached_index=helpers.padded),
+    "cached_index_strided": dict(cached_index=helpers.strided),
+    "fresh_last_dim_strided": dict(fresh=DATA_LAYOUTS["last_dim_strided"]),
+    "all_strided": dict.fromkeys(["fresh", "fresh_index", "cached", "cached_index"], helpers.strided),
+}
+
+
+@pytest.mark.parametrize("backend", backends_of("merge_cache"))
+@pytest.mark.parametrize("layout", list(MERGE_LAYOUTS))
+def test_merge_cache_non_contiguous(layout, backend):
     B, L, nf, nc, D = 3, 16, 5, 4, 61
     fi, ci = disjoint_indices(B, L, nf, nc)
-    args = dict(fresh=data((B, nf, D)), fresh_index=fi, cached=data((B, nc, D)), cached_index=ci)
-    fns = {
-        "fresh_strided": dict(fresh=helpers.strided),
-        "fresh_padded": dict(fresh=helpers.padded),
-        "cached_transposed": dict(cached=transposed_bl),
-        "cached_padded": dict(cached=helpers.padded),
-        "fresh_index_t": dict(fresh_index=index_t),
-        "cached_index_padded": dict(cached_index=helpers.padded),
-        "cached_index_strided": dict(cached_index=helpers.strided),
-        "fresh_last_dim_strided": dict(fresh=DATA_LAYOUTS["last_dim_strided"]),
-        "all_strided": {k: helpers.strided for k in args},
-    }[layout]
-    for k, fn in fns.items():
+    values = on(backend, data((B, nf, D)), fi, data((B, nc, D)), ci)
+    args = dict(zip(["fresh", "fresh_index", "cached", "cached_index"], values))
+    for k, fn in MERGE_LAYOUTS[layout].items():
         args[k] = fn(args[k])
-    out = K.merge_cache(**args)
-    assert_exact(out, oracle.merge(*args.values()), f"merge {layout}")
+    out = forced("merge_cache", backend, *args.values())
+    assert_exact(out, oracle.merge(*cpu(*args.values())), f"merge {layout}")
 
 
 @pytest.mark.parametrize("case", [(1, 1, 0), (3, 9, 4), (3, 12, 0), (3, 12, 12), (2, 30, 11)], ids=lambda c: "B{}-L{}-nf{}".format(*c))
@@ -454,20 +478,17 @@ def test_auto_backend_matches_oracle():
     assert_exact(K.merge_cache(f, fi, c, ci), oracle.merge(f, fi, c, ci))
 
 
-# Gradients (fp64 gradcheck, every differentiable input).
+# Gradients: fp64 gradcheck of the reference backend in every differentiable input, and every kernel
+# backend's backward (one-launch backward kernels) equal to the reference's.
 
 GRAD_CASES = [(2, 5, 2, 3), (2, 4, 0, 3), (1, 4, 4, 2), (1, 1, 1, 1)]
-
-
-def gid(c):
-    return "B{}-L{}-n{}-D{}".format(*c)
 
 
 def _gradcheck(f, inputs):
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-10, rtol=1e-8)
 
 
-@pytest.mark.parametrize("case", GRAD_CASES, ids=gid)
+@pytest.mark.parametrize("case", GRAD_CASES, ids=cid)
 def test_gradcheck_gather(case):
     B, L, n, D = case
     x = data((B, L, D), torch.float64).requires_grad_()
@@ -476,7 +497,7 @@ def test_gradcheck_gather(case):
 
 
 @pytest.mark.parametrize("wrt", ["base", "src", "both"])
-@pytest.mark.parametrize("case", GRAD_CASES, ids=gid)
+@pytest.mark.parametrize("case", GRAD_CASES, ids=cid)
 def test_gradcheck_scatter(case, wrt):
     B, L, n, D = case
     base = data((B, L, D), torch.float64).requires_grad_(wrt in ("base", "both"))
@@ -497,7 +518,7 @@ def test_scatter_gradients_values():
     assert_exact(gs, oracle.gather(grad, index))
 
 
-@pytest.mark.parametrize("case", GRAD_CASES, ids=gid)
+@pytest.mark.parametrize("case", GRAD_CASES, ids=cid)
 def test_gradcheck_split(case):
     B, L, n, D = case
     x = data((B, L, D), torch.float64).requires_grad_()
@@ -505,7 +526,7 @@ def test_gradcheck_split(case):
     _gradcheck(lambda x: K.split_tokens(x, mask, n, backend="reference"), (x,))
 
 
-@pytest.mark.parametrize("case", GRAD_CASES, ids=gid)
+@pytest.mark.parametrize("case", GRAD_CASES, ids=cid)
 def test_gradcheck_restore(case):
     B, L, n, D = case
     mask = oracle.random_mask(B, L, n)
@@ -537,34 +558,60 @@ def test_merge_cache_gradient_one_side():
     assert_exact(gf, oracle.gather(grad, ranks))
 
 
-# opcheck (torch.library): schema, fake kernel, autograd registration, AOT dispatch.
-
-
-def _opcheck_args(name, requires_grad=True):
-    B, L, n, D = 2, 7, 3, 5
-    x = data((B, L, D)).requires_grad_(requires_grad)
+@pytest.mark.parametrize("backend", kernels_of(*TOKEN_OPS))
+@pytest.mark.parametrize("case", [(2, 7, 0, 8), (2, 7, 7, 3), (1, 1, 1, 61), (2, 13, 5, 61), (1, 9, 4, 1024), (3, 10, 3, 8)],
+                         ids=cid)
+def test_every_backward_matches_the_reference(case, backend):
+    """Gradients through each differentiable op, on strided inputs, equal the reference backend's
+    (which the gradchecks above check)."""
+    B, L, n, D = case
     mask = oracle.random_mask(B, L, n)
-    index = oracle.mask_to_index(mask)
-    src = data((B, n, D)).requires_grad_(requires_grad)
+    index, visible_index = oracle.mask_to_index(mask), oracle.mask_to_index(~mask)
+    x, src, weights = data((B, L, D)), data((B, n, D)), data((B, L, D))
+    x, src, mask, index, visible_index, weights = (helpers.strided(t) for t in on(
+        backend, x, src, mask, index, visible_index, weights))
+
+    def grads(b):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, src)]
+        xx, ss = leaves
+        visible, masked = K.split_tokens(xx, mask, n, backend=b)
+        restored = K.restore_tokens(visible * 2, masked * 3, mask, backend=b)
+        merged = K.merge_cache(masked, index, visible, visible_index, backend=b)
+        scattered = K.scatter_tokens(xx, index, ss, backend=b)
+        gathered = K.gather_tokens(xx, index, backend=b)
+        loss = ((restored + merged + scattered) * weights).sum() + (gathered * weights[:, :n]).sum()
+        return torch.autograd.grad(loss, leaves)
+
+    for name, got, want in zip(("x", "src"), grads(backend), grads("reference")):
+        assert_exact(got, want, f"d{name} {backend} {cid(case)}")
+
+
+# opcheck (torch.library): schema, fake kernel, autograd registration, AOT dispatch, on every backend,
+# strided inputs.
+
+
+def _opcheck_args(name, backend):
+    B, L, n, D = 2, 7, 3, 5
+    mask = oracle.random_mask(B, L, n)
     fi, ci = disjoint_indices(B, L, 2, 4)
+    x, src, visible, fresh, cached, mask, index, fi, ci = (helpers.strided(t) for t in on(
+        backend, data((B, L, D)), data((B, n, D)), data((B, L - n, D)), data((B, 2, D)), data((B, 4, D)), mask,
+        oracle.mask_to_index(mask), fi, ci))
+    grad = lambda t: t.requires_grad_()  # noqa: E731
     return {
-        "mask_to_index": (mask, n, "reference"),
-        "gather_tokens": (x, index, "reference"),
-        "scatter_tokens": (x, index, src, "reference"),
-        "scatter_tokens_": (x.detach().clone(), index, src.detach(), "reference"),
-        "split_tokens": (x, mask, n, "reference"),
-        "restore_tokens": (data((B, L - n, D)).requires_grad_(requires_grad), src, mask, "reference"),
-        "merge_cache": (data((B, 2, D)).requires_grad_(requires_grad), fi, data((B, 4, D)).requires_grad_(requires_grad), ci, "reference"),
-    }[name]
+        "mask_to_index": (mask, n),
+        "gather_tokens": (grad(x), index),
+        "scatter_tokens": (grad(x), index, grad(src)),
+        "scatter_tokens_": (x.detach().clone(), index, src.detach()),
+        "split_tokens": (grad(x), mask, n),
+        "restore_tokens": (grad(visible), grad(src), mask),
+        "merge_cache": (grad(fresh), fi, grad(cached), ci),
+    }[name] + (backend,)
 
 
-OPS = ["mask_to_index", "gather_tokens", "scatter_tokens", "scatter_tokens_", "split_tokens", "restore_tokens", "merge_cache"]
-
-
-@pytest.mark.parametrize("name", OPS)
-def test_opcheck(name):
-    op = getattr(torch.ops.enat, name).default
-    torch.library.opcheck(op, _opcheck_args(name))
+@pytest.mark.parametrize("name,backend", op_backends(TOKEN_OPS))
+def test_opcheck(name, backend):
+    torch.library.opcheck(getattr(torch.ops.enat, name).default, _opcheck_args(name, backend))
 
 
 @pytest.mark.parametrize("name", ["gather_tokens", "scatter_tokens", "split_tokens", "restore_tokens", "merge_cache"])
@@ -584,7 +631,8 @@ def test_opcheck_empty(name):
     torch.library.opcheck(getattr(torch.ops.enat, name).default, args)
 
 
-# Bad input. Valid baseline: B=2, L=6, n=3, D=4.
+# Bad input (docs/OPS.md, Bad input): a ValueError or TypeError naming the argument. Valid baseline:
+# B=2, L=6, n=3, D=4.
 
 B0, L0, N0, D0 = 2, 6, 3, 4
 IDX0 = [[0, 2, 5], [1, 3, 4]]
@@ -703,7 +751,7 @@ BAD_INPUTS = {
         "n_masked_negative": (dict(count=-2), ValueError, "n_masked"),
         "n_masked_float": (dict(count=1.5), TypeError, "n_masked"),
         "x_not_tensor": (dict(x=None), TypeError, "x"),
-        "backend": (dict(backend="cpu"), ValueError, "backend"),
+        "backend": (dict(backend="cpu_kernels"), ValueError, "backend"),
     },
     "restore_tokens": {
         "visible_rank2": (dict(visible=lambda t: t[0]), ValueError, r"visible.*\[3, 4\]"),
@@ -747,7 +795,7 @@ BAD_INPUTS = {
 }
 BAD_INPUTS["scatter_tokens_"] = BAD_INPUTS["scatter_tokens"]
 
-BAD_CASES = [(op, name) for op in OPS for name in BAD_INPUTS[op]]
+BAD_CASES = [(op, name) for op in TOKEN_OPS for name in BAD_INPUTS[op]]
 
 
 @pytest.mark.parametrize("op,name", BAD_CASES, ids=[f"{op}-{name}" for op, name in BAD_CASES])
@@ -766,7 +814,7 @@ def test_bad_input(op, name):
 
 def test_bad_input_baseline_is_valid():
     """The baseline of test_bad_input is accepted by every op (so each failure there is the change's)."""
-    for op in OPS:
+    for op in TOKEN_OPS:
         _call(op, _valid())
 
 
@@ -778,190 +826,41 @@ def test_scatter_inplace_bad_input_leaves_base_untouched():
     assert torch.equal(args["base"], before)
 
 
-# Triton kernels (gather_tokens, scatter_tokens, scatter_tokens_) on helpers.triton_device():
-# CPU tensors under the interpreter here. Grids stay tiny (B * ceil(n / BLOCK_N) programs).
-
-TRITON_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int64": torch.int64}
-TRITON_CASES = [
-    (1, 1, 0, 1),
-    (1, 1, 1, 1),
-    (2, 3, 3, 3),
-    (1, 4, 4, 8),
-    (2, 5, 2, 61),
-    (1, 3, 2, 1024),
-    (2, 4, 0, 8),
-]
-TRITON_LAYOUTS = ["contiguous", "strided", "padded", "index_t"]
+def test_scatter_inplace_refuses_expanded_base():
+    """In-place writes into a stride-0 (expanded) base would alias rows: a clear error naming base."""
+    base, index, src = _scatter_inputs("base_expanded")
+    with pytest.raises((ValueError, TypeError), match="base"):
+        K.scatter_tokens_(base, index, src)
 
 
-def _triton_inputs(case, dtype, layout):
-    B, L, n, D = case
-    dev = helpers.triton_device()
-    x = data((B, L, D), dtype, dev)
-    src = data((B, n, D), dtype, dev)
-    index = oracle.random_index(B, L, n).to(dev)
-    if layout in ("strided", "padded"):  # rows and index both, with sentinels in the gaps and past the end
-        fn = helpers.strided if layout == "strided" else helpers.padded
-        x, src, index = fn(x), fn(src), fn(index)
-    elif layout == "index_t":
-        index = index_t(index)
-    return x, index, src
+@pytest.mark.parametrize("which", ["base", "src", "both"])
+def test_scatter_inplace_refuses_requires_grad(which):
+    base, index, src = _scatter_inputs("contiguous", B=2, L=5, n=2, D=3)
+    if which in ("base", "both"):
+        base.requires_grad_()
+    if which in ("src", "both"):
+        src.requires_grad_()
+    with pytest.raises(ValueError, match="requires grad"):
+        K.scatter_tokens_(base, index, src)
 
 
-def _triton_params():
-    """fp32 on every case; the other dtypes on a few; layouts on a few."""
-    params = []
-    for c in TRITON_CASES:
-        params.append(pytest.param(c, torch.float32, "contiguous", id=f"{cid(c)}-fp32-contiguous"))
-    for name, dt in TRITON_DTYPES.items():
-        if dt == torch.float32:
-            continue
-        for c in (TRITON_CASES[2], TRITON_CASES[4], TRITON_CASES[5]):
-            params.append(pytest.param(c, dt, "contiguous", id=f"{cid(c)}-{name}-contiguous"))
-    for layout in TRITON_LAYOUTS[1:]:
-        for c in (TRITON_CASES[1], TRITON_CASES[4]):
-            for name in ("fp32", "fp16"):
-                params.append(pytest.param(c, TRITON_DTYPES[name], layout, id=f"{cid(c)}-{name}-{layout}"))
-    return params
-
-
-@helpers.needs_triton
-@pytest.mark.parametrize("case,dtype,layout", _triton_params())
-def test_triton_gather(case, dtype, layout):
-    x, index, _ = _triton_inputs(case, dtype, layout)
-    out = K.gather_tokens(x, index, backend="triton")
-    assert out.device == x.device
-    assert_exact(out, oracle.gather(x.cpu(), index.cpu()), f"triton gather {cid(case)} {dtype} {layout}")
-
-
-@helpers.needs_triton
-@pytest.mark.parametrize("case,dtype,layout", _triton_params())
-def test_triton_scatter(case, dtype, layout):
-    base, index, src = _triton_inputs(case, dtype, layout)
-    before = base.clone()
-    out = K.scatter_tokens(base, index, src, backend="triton")
-    assert_exact(out, oracle.scatter(base.cpu(), index.cpu(), src.cpu()), f"triton scatter {cid(case)} {dtype} {layout}")
-    assert torch.equal(base, before), "scatter_tokens modified base"
-
-
-@helpers.needs_triton
-@pytest.mark.parametrize("case,dtype,layout", _triton_params())
-def test_triton_scatter_inplace(case, dtype, layout):
-    base, index, src = _triton_inputs(case, dtype, layout)
-    expected = oracle.scatter(base.cpu(), index.cpu(), src.cpu())
-    outside = _storage_outside(base.cpu()).clone() if base.device.type == "cpu" else None
-    out = K.scatter_tokens_(base, index, src, backend="triton")
-    assert out is base
-    assert_exact(base, expected, f"triton scatter_ {cid(case)} {dtype} {layout}")
-    if outside is not None:
-        after = _storage_outside(base)
-        assert torch.equal(after.isnan(), outside.isnan()) and torch.equal(
-            after.nan_to_num(0), outside.nan_to_num(0)
-        ), "scatter_tokens_ wrote outside base's view"
-
-
-@helpers.needs_triton
-@pytest.mark.parametrize("layout", ["x_expanded", "index_expanded", "x_transposed"])
-def test_triton_gather_other_strides(layout):
-    B, L, n, D = 2, 5, 2, 61
-    dev = helpers.triton_device()
-    x = data((B, L, D), torch.float32, dev)
-    index = oracle.random_index(B, L, n).to(dev)
-    if layout == "x_expanded":
-        x = expanded_rows(x)
-    elif layout == "index_expanded":
-        index = expanded_rows(index)
-    else:
-        x = transposed_bl(x)
-    out = K.gather_tokens(x, index, backend="triton")
-    assert_exact(out, oracle.gather(x.cpu(), index.cpu()), f"triton gather {layout}")
-
-
-@helpers.needs_triton
-def test_triton_gradients():
-    """Autograd through the forced Triton kernels (backward may use any backend) equals the oracle's."""
-    B, L, n, D = 2, 5, 2, 3
-    dev = helpers.triton_device()
-    x = data((B, L, D), torch.float64, dev).requires_grad_()
-    base = data((B, L, D), torch.float64, dev).requires_grad_()
-    src = data((B, n, D), torch.float64, dev).requires_grad_()
-    index = oracle.random_index(B, L, n).to(dev)
-    _gradcheck(lambda x: K.gather_tokens(x, index, backend="triton"), (x,))
-    _gradcheck(lambda b, s: K.scatter_tokens(b, index, s, backend="triton"), (base, src))
-
-
-@helpers.needs_triton
-@pytest.mark.parametrize("name", ["gather_tokens", "scatter_tokens", "scatter_tokens_"])
-def test_triton_opcheck(name):
-    B, L, n, D = 2, 5, 2, 3
-    dev = helpers.triton_device()
-    x = data((B, L, D), torch.float32, dev)
-    src = data((B, n, D), torch.float32, dev)
-    index = oracle.random_index(B, L, n).to(dev)
-    args = {
-        "gather_tokens": (x.requires_grad_(), index, "triton"),
-        "scatter_tokens": (x.requires_grad_(), index, src.requires_grad_(), "triton"),
-        "scatter_tokens_": (x, index, src, "triton"),
-    }[name]
-    torch.library.opcheck(getattr(torch.ops.enat, name).default, args)
-
-
-@helpers.needs_triton
-def test_triton_forced_cannot_serve_lists_why():
-    dev = helpers.triton_device()
-    index = oracle.random_index(2, 5, 2).to(dev)
-    xb = torch.ones(2, 5, 3, dtype=torch.bool, device=dev)
-    with pytest.raises(BackendUnavailableError, match="bool"):
-        K.gather_tokens(xb, index, backend="triton")
-
-
-@helpers.needs_triton
-@pytest.mark.parametrize("op", ["gather_tokens", "scatter_tokens", "scatter_tokens_"])
-def test_triton_last_dim_strided(op):
-    """A last dim with stride != 1 (a transposed or sliced view) is copied exactly by Triton."""
-    B, L, n, D = 2, 5, 2, 61
-    dev = helpers.triton_device()
-    base = DATA_LAYOUTS["last_dim_strided"](data((B, L, D), torch.float32, dev))
-    src = DATA_LAYOUTS["last_dim_strided"](data((B, n, D), torch.float32, dev))
-    index = oracle.random_index(B, L, n).to(dev)
-    assert base.stride(-1) == 2
-    if op == "gather_tokens":
-        out, expected = K.gather_tokens(base, index, backend="triton"), oracle.gather(base.cpu(), index.cpu())
-    else:
-        expected = oracle.scatter(base.cpu(), index.cpu(), src.cpu())
-        out = getattr(K, op)(base, index, src, backend="triton")
-    assert_exact(out, expected, f"triton {op} last_dim_strided")
-    if op == "scatter_tokens_":
-        assert out is base
-
-
-@helpers.needs_triton
-@pytest.mark.parametrize("op", ["gather_tokens", "scatter_tokens", "scatter_tokens_"])
+@pytest.mark.parametrize("op,backend", op_backends(["gather_tokens", "scatter_tokens", "scatter_tokens_"], kernels_of))
 @pytest.mark.parametrize("bad", [[[0, 5], [1, 2]], [[0, 1], [3, 3]], [[2, 1], [0, 4]], [[-1, 2], [0, 1]]],
                          ids=["out_of_range", "duplicate", "descending", "negative"])
-def test_triton_bad_index_is_caught_before_the_kernel(op, bad, monkeypatch):
-    """Bad index values raise ValueError with the Triton backend forced (CPU tensors are always
-    checked; CUDA tensors in debug mode)."""
-    dev = helpers.triton_device()
-    if dev == "cuda":
+def test_bad_index_is_caught_before_the_kernel(op, backend, bad, monkeypatch):
+    """Bad index values raise ValueError with a kernel backend forced (CPU tensors are always checked;
+    CUDA tensors in debug mode), and the kernel never runs."""
+    if backends.device_for(backend) == "cuda":
         monkeypatch.setenv("ENAT_KERNELS_DEBUG", "1")
-    x = data((2, 5, 3), torch.float32, dev)
-    src = data((2, 2, 3), torch.float32, dev)
-    index = torch.tensor(bad, device=dev)
+    x, src, index = on(backend, data((2, 5, 3)), data((2, 2, 3)), torch.tensor(bad))
     before = x.clone()
     with pytest.raises(ValueError, match="index"):
-        if op == "gather_tokens":
-            K.gather_tokens(x, index, backend="triton")
-        else:
-            getattr(K, op)(x, index, src, backend="triton")
+        getattr(K, op)(x, index, *([src] if op != "gather_tokens" else []), backend=backend)
     assert torch.equal(x, before)
 
 
-@helpers.needs_gpu
-def test_cuda_gather_matches_oracle():
-    for case in [(1, 1, 0, 1), (3, 9, 9, 61), (3, 17, 5, 1024)]:
-        B, L, n, D = case
-        x = data((B, L, D), torch.float16, "cuda")
-        index = oracle.random_index(B, L, n).cuda()
-        out = K.gather_tokens(helpers.strided(x), index, backend="cuda")
-        assert_exact(out, oracle.gather(x.cpu(), index.cpu()), f"cuda gather {cid(case)}")
+@helpers.needs_triton
+def test_forced_triton_on_a_dtype_it_does_not_move_says_why():
+    x, index = on("triton", torch.ones(2, 5, 3, dtype=torch.bool), oracle.random_index(2, 5, 2))
+    with pytest.raises(BackendUnavailableError, match="do not move torch.bool"):
+        K.gather_tokens(x, index, backend="triton")

@@ -2,12 +2,13 @@
 gather_tokens.cu, rows.cuh), calling torch.ops.enat.*_cuda directly against the plain-PyTorch
 references with torch.equal.
 
-What the shapes aim at (see the design comment at the top of tokens.cu): every chunk width (16, 8,
-4, 2, 1 bytes) with 1 to 32 lanes per row and rows longer than one pass of a warp; batch x rows far
+What the shapes aim at (see the design comment at the top of csrc/cuda/token_kernels.cuh): every
+chunk width (16, 8, 4, 2, 1 bytes) with 1 to 32 lanes per row and rows longer than one pass of a warp; batch x rows far
 beyond the grid, so that persistent blocks take many tiles and split/restore carry mask counts
 across tiles and batch rows; the model's sizes (D = 1024 and 4096 in fp16 / bf16); n = 0 and n = L;
 strided and offset views (narrower chunks); masks and index rows that break the contract.
-tests/test_token_kernels.py covers the ops through the public API; this file does not repeat it.
+tests/test_tokens.py covers the ops through the public API on every backend, tests/test_token_kernels.py
+the Triton launchers and the GPU streams; this file does not repeat them.
 """
 
 import pytest

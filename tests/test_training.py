@@ -419,7 +419,7 @@ def _token_file(tmp_path, n=64):
 
 
 TINY_ARGS = ["--depth-enc", "1", "--depth-dec", "1", "--width", "32", "--heads", "2", "--resolution", "128",
-             "--vocab-size", "8", "--num-classes", "8", "--batch", "8", "--lr", "1e-3", "--warmup", "2",
+             "--vocab-size", "8", "--num-classes", "8", "--batch-size", "8", "--lr", "1e-3", "--warmup", "2",
              "--ema", "0.9", "--no-progress", "--log-every", "2", "--sample-every", "0"]
 
 
@@ -489,7 +489,7 @@ def test_train_command_ema_warmup_flag(tmp_path):
 
 
 @pytest.mark.parametrize("bad, message", [(["--reuse-steps", "0"], "--reuse-steps"),
-                                          (["--batch", "6", "--accum", "4"], "--batch"),
+                                          (["--batch-size", "6", "--accum", "4"], "--batch-size"),
                                           (["--ema", "1.5"], "--ema"), (["--samp-temp", "-1"], "--samp-temp"),
                                           (["--sample-steps", "0"], "--sample-steps")])
 def test_train_command_rejects_bad_arguments(tmp_path, bad, message):

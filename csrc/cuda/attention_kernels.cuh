@@ -234,54 +234,49 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
-// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, register i receives it.
+// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, register i receives it
+// (transposed with Trans).
+template <bool Trans = false>
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
+#define ENAT_LDMATRIX_X4(trans)                                                                 \
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4" trans ".shared.b16 {%0, %1, %2, %3}, [%4];\n"    \
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])                                 \
+               : "r"(addr))
+  if constexpr (Trans) ENAT_LDMATRIX_X4(".trans");
+  else ENAT_LDMATRIX_X4("");
+#undef ENAT_LDMATRIX_X4
 #endif
 }
 
-// The same with each matrix transposed.
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-#endif
-}
+// For T = __half or __nv_bfloat16: run, d += a (16x16, row-major fragment) * b (16x8, column-major
+// fragment) with fp32 accumulation; pack, two floats as one register of two T, lo in the low half.
+template <typename T>
+struct Mma {
+  static constexpr bool kHalf = std::is_same_v<T, __half>;
+  static_assert(kHalf || std::is_same_v<T, __nv_bfloat16>, "Mma<T>: T must be __half or __nv_bfloat16");
 
-// d += a (16x16, row-major fragment) * b (16x8, column-major fragment), fp32 accumulation.
-template <typename T> struct Mma;
-template <> struct Mma<__half> {
   static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#define ENAT_MMA_M16N8K16(type)                                                                          \
+  asm("mma.sync.aligned.m16n8k16.row.col.f32." type "." type ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "  \
+      "{%8, %9}, {%0, %1, %2, %3};\n"                                                                    \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                                   \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+    if constexpr (kHalf) ENAT_MMA_M16N8K16("f16");
+    else ENAT_MMA_M16N8K16("bf16");
+#undef ENAT_MMA_M16N8K16
 #endif
   }
-  // Two floats as one register of two elements, lo in the low half.
+
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    uint32_t u;
-    memcpy(&u, &v, sizeof(u));
-    return u;
-  }
-};
-template <> struct Mma<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    const auto v = [&] {
+      if constexpr (kHalf) {
+        return __floats2half2_rn(lo, hi);
+      } else {
+        return __floats2bfloat162_rn(lo, hi);
+      }
+    }();
     uint32_t u;
     memcpy(&u, &v, sizeof(u));
     return u;
@@ -656,7 +651,7 @@ __global__ void __launch_bounds__(TcShape<D_PAD, WARPS>::kThreads, TcShape<D_PAD
 #pragma unroll
       for (int dp = 0; dp < D_PAD / 16; ++dp) {
         uint32_t vb[4];
-        ldmatrix_x4_trans(vb, v_base + (kk * 16 * S::kLd + dp * 16) * 2);
+        ldmatrix_x4<true>(vb, v_base + (kk * 16 * S::kLd + dp * 16) * 2);
         Mma<T>::run(o[2 * dp], pa, vb[0], vb[1]);
         Mma<T>::run(o[2 * dp + 1], pa, vb[2], vb[3]);
       }

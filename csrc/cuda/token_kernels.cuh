@@ -243,20 +243,17 @@ __device__ __forceinline__ void table_merge(const Params& p, Shared& sh, int buf
   if (t < nfl) sh.key[0][t] = p.idx0.at(b, i0 + t);
   if (t < ncl) sh.key[1][t] = p.idx1.at(b, c0 + t);
   __syncthreads();
-  if (t < nfl) {
-    const int rank = t + count_below(sh.key[1], ncl, sh.key[0][t], false);
+  // Row t of side s (0: fresh rows from i0, 1: cached rows from c0) at its rank among the merged rows.
+  const int n[2] = {nfl, ncl};
+  const int64_t first[2] = {i0, c0};
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    if (t >= n[s]) continue;
+    const int rank = t + count_below(sh.key[1 - s], n[1 - s], sh.key[s][t], s == 1);
     if (forward) {
-      sh.table.from[buf][rank] = p.in0.row(b, i0 + t);
+      sh.table.from[buf][rank] = (s == 0 ? p.in0 : p.in1).row(b, first[s] + t);
     } else {
-      sh.table.to[buf][rank] = p.out0.row(b, i0 + t);
-    }
-  }
-  if (t < ncl) {
-    const int rank = t + count_below(sh.key[0], nfl, sh.key[1][t], true);
-    if (forward) {
-      sh.table.from[buf][rank] = p.in1.row(b, c0 + t);
-    } else {
-      sh.table.to[buf][rank] = p.out1.row(b, c0 + t);
+      sh.table.to[buf][rank] = (s == 0 ? p.out0 : p.out1).row(b, first[s] + t);
     }
   }
 }

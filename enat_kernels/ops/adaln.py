@@ -21,7 +21,7 @@ import torch
 from .. import _library, triton_utils
 from .._library import define
 from ..backends import Dispatcher, Entry
-from . import _checks
+from .. import checks as _checks
 
 triton, tl = triton_utils.triton, triton_utils.tl
 

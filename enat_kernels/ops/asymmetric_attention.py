@@ -17,7 +17,7 @@ from torch.utils.flop_counter import register_flop_formula
 from .. import _library, triton_utils
 from .._library import define, register_cuda_fake
 from ..backends import Dispatcher, Entry
-from . import _checks
+from .. import checks as _checks
 
 triton, tl = triton_utils.triton, triton_utils.tl
 
@@ -149,13 +149,12 @@ def asymmetric_attention_backward_reference(grad_out, q, k_ctx, v_ctx, k_self, v
 # dim and, in the backward, row alignment and launch; autotuning tries the launch's list, keyed on those
 # and on the power-of-two buckets of Lq and Lc + Ls. tests/test_gpu_targets.py compiles every listed
 # config for its target and fails on a spill, on more than 255 registers, on shared memory over the
-# target's limit or on an fp16/bf16 product not on tensor cores. Exact fp32 products spill at head dims
-# of 64 and up in every tile (docs/OPS.md, Triton kernels: resources).
+# target's limit or on an fp16/bf16 product not on tensor cores. fp32 runs here up to head dim 32 only
+# (TRITON_FP32_MAX_D).
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_D = 128
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 # The backward's launch plans, each launch with the gradients it accumulates (see above): one pass of the
 # five products, (dV, dK) then dQ (7 products), or one per gradient (8). BACKWARD_PLANS picks per target.
 ONE_PASS = (("dV", "dK", "dQ"),)
@@ -455,6 +454,11 @@ if triton is not None:
                            for family in ("sm80", "sm90")})
     BACKWARD_PLANS.update({(family, "fp32", block_d, aligned): _launches(PER_GRADIENT, ((16, 64, 4, 1),))
                            for family in ("sm80", "sm90") for block_d in (64, 128) for aligned in (True, False)})
+    # fp32 pads the head dim only to 16 or 32 (FMA products have no minimum M): one pass of the five
+    # products in 16 x 16 tiles, 8 warps at 32 (GPU tensors stop there, TRITON_FP32_MAX_D).
+    BACKWARD_PLANS.update({(family, "fp32", block_d, aligned): _launches(ONE_PASS, ((16, 16, warps, 1),))
+                           for family in ("sm80", "sm90") for block_d, warps in ((16, 4), (32, 8))
+                           for aligned in (True, False)})
     BACKWARD_CONFIGS = _union({(key, products): configs for key, plan in BACKWARD_PLANS.items()
                                for products, configs in plan.items()})
 
@@ -578,7 +582,8 @@ def asymmetric_attention_backward_triton(grad_out, q, k_ctx, v_ctx, k_self, v_se
     _attention_bwd_delta_kernel[(triton.cdiv(Lq, DELTA_BLOCK_M), B * H)](
         out, grad_out, delta, H, Lq, D, *_bhl_strides(out, grad_out), BLOCK_M=DELTA_BLOCK_M,
         BLOCK_D=delta_meta["BLOCK_D"], EVEN_D=delta_meta["EVEN_D"], ALIGNED=delta_meta["ALIGNED"])
-    meta = _triton_meta((q, k_ctx, v_ctx, k_self, v_self, grad_out), min_block_d=64)
+    # Tensor-core products pad the head dim (their M in the key-major form) to 64; fp32 ones to 16.
+    meta = _triton_meta((q, k_ctx, v_ctx, k_self, v_self, grad_out), min_block_d=16 if q.dtype == torch.float32 else 64)
     scratch = torch.empty((B * H, Lq, meta["BLOCK_D"]), dtype=torch.float32, device=q.device)
     buckets = _bucket(Lq), _bucket(Lc + Ls)
     args = (q, k_ctx, v_ctx, k_self, v_self, grad_out, lse, delta, grads[0], scratch, *grads[1:], H, Lq, Lc, Ls, D,
@@ -628,12 +633,27 @@ def _cuda_forward_why_not(q, k_ctx, v_ctx, k_self, v_self, scale):
     return _kernel_why_not(q, k_ctx, v_ctx, k_self, v_self, max_d=CUDA_MAX_D, dtypes=CUDA_DTYPES, what="CUDA")
 
 
+# fp32 takes exact products (FMA loops, no tensor cores), which hold each thread's rows of both operands
+# over the whole head dim: above TRITON_FP32_MAX_D they spill registers in every tile on sm_80 and sm_90
+# (docs/OPS.md, Triton kernels: resources), so GPU tensors go to the next backend (the interpreter has no
+# registers and keeps checking the same program on CPU tensors).
+TRITON_FP32_MAX_D = 32
+
+
+def _triton_why_not(q, k_ctx, v_ctx, k_self, v_self):
+    reasons = _kernel_why_not(q, k_ctx, v_ctx, k_self, v_self, max_d=TRITON_MAX_D, dtypes=TRITON_DTYPES, what="Triton")
+    if q.device.type != "cpu" and q.dtype == torch.float32 and q.shape[-1] > TRITON_FP32_MAX_D:
+        reasons.append(f"float32 at head dim {q.shape[-1]}: the Triton kernels' exact fp32 products spill registers "
+                       f"above head dim {TRITON_FP32_MAX_D} (fp16 and bf16 run on tensor cores at any head dim)")
+    return reasons
+
+
 def _triton_forward_why_not(q, k_ctx, v_ctx, k_self, v_self, scale):
-    return _kernel_why_not(q, k_ctx, v_ctx, k_self, v_self, max_d=TRITON_MAX_D, dtypes=TRITON_DTYPES, what="Triton")
+    return _triton_why_not(q, k_ctx, v_ctx, k_self, v_self)
 
 
 def _triton_backward_why_not(grad_out, q, k_ctx, v_ctx, k_self, v_self, out, lse, scale):
-    return _kernel_why_not(q, k_ctx, v_ctx, k_self, v_self, max_d=TRITON_MAX_D, dtypes=TRITON_DTYPES, what="Triton")
+    return _triton_why_not(q, k_ctx, v_ctx, k_self, v_self)
 
 
 # CPU (csrc/cpu/kernels.cpp): forward only, fp32 and fp64. One call runs every query row: its scores

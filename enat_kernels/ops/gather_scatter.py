@@ -7,7 +7,7 @@ and the backward of a scatter is a gather plus a copy with those rows zeroed, wi
 values are checked for CPU tensors, and for CUDA tensors with ENAT_KERNELS_DEBUG=1 (a host sync);
 the fast path does not check them.
 
-Triton: each op is one launch of one of two kernels, with the tiles and configs of triton_utils
+Triton: each op is one launch of one of two kernels, with the tiles and configs of _tiles.py
 (BLOCK_N rows of D elements per program, no loop over D). gather and the in-place scatter copy
 BLOCK_N of the B * n (row, index entry) pairs: the index is read once per program, the rows move
 as one tile. The out-of-place scatters (and the two backward ops) write every output row once, a
@@ -18,12 +18,13 @@ replaced and by which src row (a [BLOCK_N, BLOCK_N] comparison, no search per ro
 
 import torch
 
-from .. import triton_utils
+from .. import checks
 from .._library import define, register_cuda_fake
 from ..backends import Dispatcher, Entry
-from . import _checks
+from . import _tiles
+from ._tiles import TRITON_DTYPES, cuda_why_not, triton_why_not  # noqa: F401  (the token ops' limits)
 
-triton, tl = triton_utils.triton, triton_utils.tl
+triton, tl = _tiles.triton, _tiles.tl
 
 # Reference (plain PyTorch).
 
@@ -60,17 +61,9 @@ def zero_rows_reference(x, index):
 
 # Triton.
 
-TRITON_DTYPES = (
-    torch.float16, torch.bfloat16, torch.float32, torch.float64,
-    torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64,
-)
-
 if triton is not None:
 
-    @triton_utils.target_autotune(triton_utils.TOKEN_CONFIGS, key=["rows_key", "BLOCK_D", "EVEN_D", "SRC_INDEXED"],
-                                  configs_for=triton_utils.token_configs_for)
-    @triton.heuristics({"BLOCK_N": triton_utils.block_rows("src_ptr")})
-    @triton.jit
+    @_tiles.jit_tiles("src_ptr", "SRC_INDEXED")
     def _copy_rows_kernel(
         src_ptr, dst_ptr, index_ptr, n, rows, D, rows_key,
         src_stride_b, src_stride_l, src_stride_d, dst_stride_b, dst_stride_l, dst_stride_d,
@@ -87,17 +80,13 @@ if triton is not None:
         position = tl.load(index_ptr + b * index_stride_b + j * index_stride_n, mask=ok, other=0)
         src_row = position if SRC_INDEXED else j
         dst_row = j if SRC_INDEXED else position
-        columns = triton_utils.row_tile_columns(BLOCK_D)
-        m = triton_utils.tile_mask(ok, columns, D, EVEN_D)
+        columns = _tiles.row_tile_columns(BLOCK_D)
+        m = _tiles.tile_mask(ok, columns, D, EVEN_D)
         src = src_ptr + (b * src_stride_b + src_row * src_stride_l)[:, None] + columns[None, :] * src_stride_d
         dst = dst_ptr + (b * dst_stride_b + dst_row * dst_stride_l)[:, None] + columns[None, :] * dst_stride_d
         tl.store(dst, tl.load(src, mask=m, eviction_policy="evict_first"), mask=m)
 
-    @triton_utils.target_autotune(triton_utils.TOKEN_CONFIGS,
-                                  key=["rows_key", "BLOCK_D", "EVEN_D", "HAS_BASE", "HAS_SRC"],
-                                  configs_for=triton_utils.token_configs_for)
-    @triton.heuristics({"BLOCK_N": triton_utils.block_rows("out_ptr")})
-    @triton.jit
+    @_tiles.jit_tiles("out_ptr", "HAS_BASE", "HAS_SRC")
     def _scatter_rows_kernel(
         base_ptr, src_ptr, index_ptr, out_ptr, L, n, D, rows_key, rounds,
         base_stride_b, base_stride_l, base_stride_d, src_stride_b, src_stride_n, src_stride_d,
@@ -113,8 +102,8 @@ if triton is not None:
         index_row = index_ptr + b * index_stride_b
         # first = #(entries < l0): at least l0 - (L - n) (the positions missing from the index), at most
         # min(l0, n). The entries of the tile are among the BLOCK_N from there on.
-        first = triton_utils.search(index_row, index_stride_n, tl.maximum(l0 - (L - n), 0), tl.minimum(l0, n), l0,
-                                    index_row, 0, 0, rounds, MERGE_PATH=False, PROBES=PROBES)
+        first = _tiles.search(index_row, index_stride_n, tl.maximum(l0 - (L - n), 0), tl.minimum(l0, n), l0,
+                              index_row, 0, 0, rounds, MERGE_PATH=False, PROBES=PROBES)
         k = tl.arange(0, BLOCK_N)
         entry = tl.load(index_row + (first + k).to(tl.int64) * index_stride_n, mask=first + k < n, other=L,
                         eviction_policy="evict_last")
@@ -122,21 +111,21 @@ if triton is not None:
         pos_ok = pos < L
         hit = tl.sum((entry[None, :] == pos[:, None]).to(tl.int32), 1) > 0
         j = first + tl.sum((entry[None, :] < pos[:, None]).to(tl.int32), 1)  # < n where hit
-        columns = triton_utils.row_tile_columns(BLOCK_D)
+        columns = _tiles.row_tile_columns(BLOCK_D)
         rows = pos.to(tl.int64)
         value = tl.zeros([BLOCK_N, BLOCK_D], out_ptr.dtype.element_ty)
         if HAS_SRC:
             src_rows = b * src_stride_b + j.to(tl.int64) * src_stride_n
             src = src_ptr + src_rows[:, None] + columns[None, :] * src_stride_d
-            value = tl.load(src, mask=triton_utils.tile_mask(pos_ok & hit, columns, D, EVEN_D), other=value,
+            value = tl.load(src, mask=_tiles.tile_mask(pos_ok & hit, columns, D, EVEN_D), other=value,
                             eviction_policy="evict_first")
         if HAS_BASE:
             base_rows = b * base_stride_b + rows * base_stride_l
             base = base_ptr + base_rows[:, None] + columns[None, :] * base_stride_d
-            value = tl.load(base, mask=triton_utils.tile_mask(pos_ok & ~hit, columns, D, EVEN_D), other=value,
+            value = tl.load(base, mask=_tiles.tile_mask(pos_ok & ~hit, columns, D, EVEN_D), other=value,
                             eviction_policy="evict_first")
         out = out_ptr + (b * out_stride_b + rows * out_stride_l)[:, None] + columns[None, :]
-        tl.store(out, value, mask=triton_utils.tile_mask(pos_ok, columns, D, EVEN_D))
+        tl.store(out, value, mask=_tiles.tile_mask(pos_ok, columns, D, EVEN_D))
 
 
 def _copy_rows_triton(src, dst, index, src_indexed, config):
@@ -145,11 +134,8 @@ def _copy_rows_triton(src, dst, index, src_indexed, config):
     D = dst.shape[2]
     if B == 0 or n == 0 or D == 0:
         return
-    block_d, even_d, d_tiles = triton_utils.row_tile(D)
-    args = (src, dst, index, n, B * n, D, triton_utils.rows_bucket(B * n),
-            *src.stride(), *dst.stride(), *index.stride())
-    triton_utils.launch(_copy_rows_kernel, lambda m: (triton.cdiv(B * n, m["BLOCK_N"]), d_tiles), args,
-                        dict(SRC_INDEXED=src_indexed, BLOCK_D=block_d, EVEN_D=even_d), config)
+    args = (src, dst, index, n, B * n, D, _tiles.rows_bucket(B * n), *src.stride(), *dst.stride(), *index.stride())
+    _tiles.launch(_copy_rows_kernel, 1, B * n, D, args, dict(SRC_INDEXED=src_indexed), config)
 
 
 def _scatter_rows_triton(base, index, src, L, like, config):
@@ -160,15 +146,13 @@ def _scatter_rows_triton(base, index, src, L, like, config):
     out = like.new_empty((B, L, D))
     if out.numel() == 0:
         return out
-    block_d, even_d, d_tiles = triton_utils.row_tile(D)
     unused = (0, 0, 0)
     args = (out if base is None else base, out if src is None else src, index, out, L, n, D,
-            triton_utils.rows_bucket(L), triton_utils.search_rounds(min(n, L - n)),
+            _tiles.rows_bucket(L), _tiles.search_rounds(min(n, L - n)),
             *(unused if base is None else base.stride()), *(unused if src is None else src.stride()),
             *index.stride(), out.stride(0), out.stride(1))
-    meta = dict(HAS_BASE=base is not None, HAS_SRC=src is not None, BLOCK_D=block_d, EVEN_D=even_d,
-                PROBES=triton_utils.SEARCH_PROBES)
-    triton_utils.launch(_scatter_rows_kernel, lambda m: (B * triton.cdiv(L, m["BLOCK_N"]), d_tiles), args, meta, config)
+    meta = dict(HAS_BASE=base is not None, HAS_SRC=src is not None, PROBES=_tiles.SEARCH_PROBES)
+    _tiles.launch(_scatter_rows_kernel, B, L, D, args, meta, config)
     return out
 
 
@@ -199,28 +183,11 @@ def zero_rows_triton(x, index, *, config=None):
     return _scatter_rows_triton(x, index, None, x.shape[1], x, config)
 
 
-def triton_why_not(**tensors):
-    """Dtypes the Triton row kernels move (any strides)."""
-    return [f"the Triton kernels do not move {t.dtype} ({name})" for name, t in tensors.items() if t.dtype not in TRITON_DTYPES]
-
-
-# CUDA (csrc/cuda/gather_tokens.cu, csrc/cuda/tokens.cu).
-
-
-def cuda_why_not(**tensors):
-    """The CUDA row kernels move any dtype, but need rows contiguous in their last dimension."""
-    return [
-        f"{name} is not contiguous in its last dimension (strides {t.stride()})"
-        for name, t in tensors.items()
-        if t.shape[-1] > 1 and t.stride(-1) != 1
-    ]
-
-
 # Dispatch, registration, autograd.
 
 def _index_values(x, index, *rest):
     """Value check of the (x, index, ...) ops: index holds ascending positions in [0, x.shape[1])."""
-    _checks.index_values("index", index, x.shape[1])
+    checks.index_values("index", index, x.shape[1])
 
 
 GATHER = Dispatcher("gather_tokens", values=_index_values)
@@ -241,7 +208,7 @@ SCATTER_.register("cuda", lambda base, index, src: torch.ops.enat.scatter_tokens
                   lambda base, index, src: cuda_why_not(base=base, src=src))
 
 # The two backward-only ops: gather's gradient (scatter into zeros) and scatter's base gradient.
-SCATTER_ZEROS = Dispatcher("scatter_into_zeros", values=lambda index, src, L: _checks.index_values("index", index, L))
+SCATTER_ZEROS = Dispatcher("scatter_into_zeros", values=lambda index, src, L: checks.index_values("index", index, L))
 SCATTER_ZEROS.register("reference", scatter_into_zeros_reference)
 SCATTER_ZEROS.register("triton", scatter_into_zeros_triton, lambda index, src, L: triton_why_not(src=src))
 SCATTER_ZEROS.register("cuda", lambda index, src, L: torch.ops.enat.scatter_into_zeros_cuda(index, src, L),
@@ -351,27 +318,27 @@ torch.library.register_autograd("enat::scatter_tokens", _scatter_backward, setup
 
 
 def _check_gather(x, index):
-    _checks.tensor("x", x, "B L D")
-    _checks.index("index", index, "x", x)
+    checks.tensor("x", x, "B L D")
+    checks.index("index", index, "x", x)
     return x, index
 
 
 def _check_scatter(base, index, src):
-    _checks.tensor("base", base, "B L D")
-    _checks.index("index", index, "base", base)
-    _checks.tensor("src", src, "B n D")
-    _checks.same_device(base=base, src=src)
-    _checks.same_dtype(base=base, src=src)
-    _checks.size_equal("src", src, 0, "base", base, 0)
-    _checks.size_equal("src", src, 1, "index", index, 1)
-    _checks.size_equal("src", src, 2, "base", base, 2)
+    checks.tensor("base", base, "B L D")
+    checks.index("index", index, "base", base)
+    checks.tensor("src", src, "B n D")
+    checks.same_device(base=base, src=src)
+    checks.same_dtype(base=base, src=src)
+    checks.size_equal("src", src, 0, "base", base, 0)
+    checks.size_equal("src", src, 1, "index", index, 1)
+    checks.size_equal("src", src, 2, "base", base, 2)
     return base, index, src
 
 
 def _check_scatter_inplace(base, index, src):
     _check_scatter(base, index, src)
     if any(stride == 0 and size > 1 for stride, size in zip(base.stride(), base.shape)):
-        raise ValueError(f"base must not be an expanded view (strides {base.stride()}): rows would alias ({_checks.describe(base)})")
+        raise ValueError(f"base must not be an expanded view (strides {base.stride()}): rows would alias ({checks.describe(base)})")
     return base, index, src
 
 

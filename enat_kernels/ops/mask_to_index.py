@@ -7,10 +7,9 @@ count True entries: checked for CPU tensors, and for CUDA tensors with ENAT_KERN
 
 import torch
 
-from .. import triton_utils
+from .. import checks, triton_utils
 from .._library import define, register_cuda_fake
 from ..backends import Dispatcher, Entry
-from . import _checks
 
 triton, tl = triton_utils.triton, triton_utils.tl
 
@@ -63,7 +62,7 @@ def _triton_why_not(mask, count):
     return [f"rows of {L} positions are above the Triton kernel's {TRITON_MAX_L}"] if L > TRITON_MAX_L else []
 
 
-MASK_TO_INDEX = Dispatcher("mask_to_index", values=lambda mask, count: _checks.mask_counts("mask", mask, "count", count))
+MASK_TO_INDEX = Dispatcher("mask_to_index", values=lambda mask, count: checks.mask_counts("mask", mask, "count", count))
 MASK_TO_INDEX.register("reference", mask_to_index_reference)
 MASK_TO_INDEX.register("triton", mask_to_index_triton, _triton_why_not)
 MASK_TO_INDEX.register("cuda", lambda mask, count: torch.ops.enat.mask_to_index_cuda(mask, count))
@@ -87,14 +86,14 @@ def mask_to_index(mask, count=None, *, backend=None):
     count: True entries per row. Give it to avoid a host sync (and under torch.compile).
     """
     if count is None:
-        _checks.mask("mask", mask)
-        count = _checks.uniform_row_count("mask", mask)
+        checks.mask("mask", mask)
+        count = checks.uniform_row_count("mask", mask)
     return _MASK_TO_INDEX(mask, count, backend=backend)
 
 
 def _check(mask, count):
-    _checks.mask("mask", mask)
-    _checks.count("count", count, mask.shape[1], "L = mask.shape[1]")
+    checks.mask("mask", mask)
+    checks.count("count", count, mask.shape[1], "L = mask.shape[1]")
     return mask, count
 
 

@@ -14,13 +14,13 @@ for CPU tensors, and for CUDA tensors with ENAT_KERNELS_DEBUG=1.
 
 import torch
 
-from .. import triton_utils
+from .. import checks
 from .._library import define, register_cuda_fake
 from ..backends import Dispatcher, Entry
-from . import _checks
-from .gather_scatter import cuda_why_not, triton_why_not
+from . import _tiles
+from ._tiles import cuda_why_not, triton_why_not
 
-triton, tl = triton_utils.triton, triton_utils.tl
+triton, tl = _tiles.triton, _tiles.tl
 
 # Reference (plain PyTorch).
 
@@ -46,7 +46,7 @@ def merge_cache_backward_reference(grad, fresh_index, cached_index):
 
 
 # Triton: one launch over (row b, tile of BLOCK_N merged rows m0 <= m < m0 + BLOCK_N), with the tiles
-# and configs of triton_utils. One merge-path search per program finds f0, the fresh rows among the
+# and configs of _tiles.py. One merge-path search per program finds f0, the fresh rows among the
 # first m0 merged rows (and so c0 = m0 - f0 cached ones); the tile's rows are the BLOCK_N smallest of
 # the next BLOCK_N positions of each side, ranked by [BLOCK_N, BLOCK_N] comparisons. The forward loads
 # the tile from the two sides under complementary row masks and stores it once; the backward loads the
@@ -55,10 +55,7 @@ def merge_cache_backward_reference(grad, fresh_index, cached_index):
 
 if triton is not None:
 
-    @triton_utils.target_autotune(triton_utils.TOKEN_CONFIGS, key=["rows_key", "BLOCK_D", "EVEN_D", "FORWARD"],
-                                  configs_for=triton_utils.token_configs_for)
-    @triton.heuristics({"BLOCK_N": triton_utils.block_rows("merged_ptr")})
-    @triton.jit
+    @_tiles.jit_tiles("merged_ptr", "FORWARD")
     def _merge_rows_kernel(
         fresh_ptr, fresh_index_ptr, cached_ptr, cached_index_ptr, merged_ptr, nf, nc, D, rows_key, rounds,
         sf_b, sf_n, sf_d, sfi_b, sfi_n, sc_b, sc_n, sc_d, sci_b, sci_n, sm_b, sm_n, sm_d,
@@ -72,8 +69,8 @@ if triton is not None:
         m0 = (tl.program_id(0) % tiles) * BLOCK_N
         fresh_row = fresh_index_ptr + b * sfi_b
         cached_row = cached_index_ptr + b * sci_b
-        f0 = triton_utils.search(fresh_row, sfi_n, tl.maximum(m0 - nc, 0), tl.minimum(m0, nf), 0, cached_row, sci_n,
-                                 m0, rounds, MERGE_PATH=True, PROBES=PROBES)
+        f0 = _tiles.search(fresh_row, sfi_n, tl.maximum(m0 - nc, 0), tl.minimum(m0, nf), 0, cached_row, sci_n,
+                           m0, rounds, MERGE_PATH=True, PROBES=PROBES)
         c0 = m0 - f0
         k = tl.arange(0, BLOCK_N)
         f_ok = f0 + k < nf
@@ -90,10 +87,10 @@ if triton is not None:
         c_src = c0 + k - fresh_before
         row = m0 + k
         row_ok = row < nf + nc
-        columns = triton_utils.row_tile_columns(BLOCK_D)
-        m_tile = triton_utils.tile_mask(row_ok, columns, D, EVEN_D)
-        f_tile = triton_utils.tile_mask(row_ok & from_fresh, columns, D, EVEN_D)
-        c_tile = triton_utils.tile_mask(row_ok & ~from_fresh & (c_src < nc), columns, D, EVEN_D)
+        columns = _tiles.row_tile_columns(BLOCK_D)
+        m_tile = _tiles.tile_mask(row_ok, columns, D, EVEN_D)
+        f_tile = _tiles.tile_mask(row_ok & from_fresh, columns, D, EVEN_D)
+        c_tile = _tiles.tile_mask(row_ok & ~from_fresh & (c_src < nc), columns, D, EVEN_D)
         merged = merged_ptr + (b * sm_b + row.to(tl.int64) * sm_n)[:, None] + columns[None, :] * sm_d
         fresh = fresh_ptr + (b * sf_b + f_src.to(tl.int64) * sf_n)[:, None] + columns[None, :] * sf_d
         cached = cached_ptr + (b * sc_b + c_src.to(tl.int64) * sc_n)[:, None] + columns[None, :] * sc_d
@@ -116,13 +113,10 @@ def _merge_rows_triton(fresh, fresh_index, cached, cached_index, merged, forward
     D = merged.shape[2]
     if B == 0 or nf + nc == 0 or D == 0:
         return
-    block_d, even_d, d_tiles = triton_utils.row_tile(D)
-    args = (fresh, fresh_index, cached, cached_index, merged, nf, nc, D, triton_utils.rows_bucket(nf + nc),
-            triton_utils.search_rounds(min(nf, nc)),
+    args = (fresh, fresh_index, cached, cached_index, merged, nf, nc, D, _tiles.rows_bucket(nf + nc),
+            _tiles.search_rounds(min(nf, nc)),
             *fresh.stride(), *fresh_index.stride(), *cached.stride(), *cached_index.stride(), *merged.stride())
-    meta = dict(FORWARD=forward, BLOCK_D=block_d, EVEN_D=even_d, PROBES=triton_utils.SEARCH_PROBES)
-    triton_utils.launch(_merge_rows_kernel, lambda m: (B * triton.cdiv(nf + nc, m["BLOCK_N"]), d_tiles), args, meta,
-                        config)
+    _tiles.launch(_merge_rows_kernel, B, nf + nc, D, args, dict(FORWARD=forward, PROBES=_tiles.SEARCH_PROBES), config)
 
 
 def merge_cache_triton(fresh, fresh_index, cached, cached_index, *, config=None):
@@ -159,14 +153,14 @@ MERGE_BACKWARD.register("cuda", lambda *a: torch.ops.enat.merge_cache_backward_c
 
 
 def _check_values(fresh_index, cached_index):
-    _checks.index_values("fresh_index", fresh_index)
-    _checks.index_values("cached_index", cached_index)
-    if fresh_index.numel() and cached_index.numel() and _checks.values_checked(fresh_index):
+    checks.index_values("fresh_index", fresh_index)
+    checks.index_values("cached_index", cached_index)
+    if fresh_index.numel() and cached_index.numel() and checks.values_checked(fresh_index):
         union = torch.cat([fresh_index, cached_index], dim=1).sort(dim=1).values
         if not bool((union[:, 1:] > union[:, :-1]).all()):
             raise ValueError(
                 "fresh_index and cached_index must be disjoint in each row; got fresh_index: "
-                f"{_checks.describe(fresh_index)}, cached_index: {_checks.describe(cached_index)}"
+                f"{checks.describe(fresh_index)}, cached_index: {checks.describe(cached_index)}"
             )
 
 
@@ -219,16 +213,16 @@ def merge_cache(fresh, fresh_index, cached, cached_index, *, backend=None):
 
 
 def _check(fresh, fresh_index, cached, cached_index):
-    _checks.tensor("fresh", fresh, "B nf D")
-    _checks.tensor("cached", cached, "B nc D")
-    _checks.index("fresh_index", fresh_index, "fresh", fresh)
-    _checks.index("cached_index", cached_index, "cached", cached)
-    _checks.same_device(fresh=fresh, cached=cached)
-    _checks.same_dtype(fresh=fresh, cached=cached)
-    _checks.size_equal("fresh_index", fresh_index, 1, "fresh", fresh, 1)
-    _checks.size_equal("cached_index", cached_index, 1, "cached", cached, 1)
-    _checks.size_equal("cached", cached, 0, "fresh", fresh, 0)
-    _checks.size_equal("cached", cached, 2, "fresh", fresh, 2)
+    checks.tensor("fresh", fresh, "B nf D")
+    checks.tensor("cached", cached, "B nc D")
+    checks.index("fresh_index", fresh_index, "fresh", fresh)
+    checks.index("cached_index", cached_index, "cached", cached)
+    checks.same_device(fresh=fresh, cached=cached)
+    checks.same_dtype(fresh=fresh, cached=cached)
+    checks.size_equal("fresh_index", fresh_index, 1, "fresh", fresh, 1)
+    checks.size_equal("cached_index", cached_index, 1, "cached", cached, 1)
+    checks.size_equal("cached", cached, 0, "fresh", fresh, 0)
+    checks.size_equal("cached", cached, 2, "fresh", fresh, 2)
     return fresh, fresh_index, cached, cached_index
 
 

@@ -7,14 +7,15 @@ checked for CPU tensors, and for CUDA tensors with ENAT_KERNELS_DEBUG=1.
 
 import torch
 
-from .. import triton_utils
+from .. import checks
 from .._library import define, register_cuda_fake
 from ..backends import Dispatcher, Entry
-from . import _checks
-from .gather_scatter import _rows, cuda_why_not, gather_tokens_reference, triton_why_not
+from . import _tiles
+from ._tiles import cuda_why_not, triton_why_not
+from .gather_scatter import _rows, gather_tokens_reference
 from .mask_to_index import TRITON_MAX_L, mask_to_index_reference
 
-triton, tl = triton_utils.triton, triton_utils.tl
+triton, tl = _tiles.triton, _tiles.tl
 
 
 def _positions(mask, n_masked):
@@ -36,7 +37,7 @@ def restore_tokens_reference(visible, masked, mask):
 
 
 # Triton: one launch over (row b, tile of BLOCK_N positions), with the tiles and configs of
-# triton_utils. A program counts the masked positions before its tile once (a prefix count over the
+# _tiles.py. A program counts the masked positions before its tile once (a prefix count over the
 # mask row, which stays in L2), takes a prefix sum within the tile, and so knows every position's rank
 # among the masked or the visible rows. Split then loads the x tile once and stores it twice, under
 # complementary row masks, at those ranks; restore loads the two at the ranks and stores one tile.
@@ -45,10 +46,7 @@ def restore_tokens_reference(visible, masked, mask):
 
 if triton is not None:
 
-    @triton_utils.target_autotune(triton_utils.TOKEN_CONFIGS, key=["rows_key", "BLOCK_D", "EVEN_D", "SPLIT"],
-                                  configs_for=triton_utils.token_configs_for)
-    @triton.heuristics({"BLOCK_N": triton_utils.block_rows("x_ptr")})
-    @triton.jit
+    @_tiles.jit_tiles("x_ptr", "SPLIT")
     def _split_restore_kernel(
         x_ptr, mask_ptr, visible_ptr, masked_ptr, L, n_masked, D, rows_key,
         sx_b, sx_l, sx_d, sm_b, sm_l, sv_b, sv_n, sv_d, sk_b, sk_n, sk_d,
@@ -64,14 +62,14 @@ if triton is not None:
         pos = l0 + tl.arange(0, BLOCK_N)
         pos_ok = pos < L
         is_masked = tl.load(mask_row + pos.to(tl.int64) * sm_l, mask=pos_ok, other=0, eviction_policy="evict_last") != 0
-        before = triton_utils.prefix_count(mask_row, sm_l, l0, PREFIX_BLOCK)  # masked positions in [0, l0)
+        before = _tiles.prefix_count(mask_row, sm_l, l0, PREFIX_BLOCK)  # masked positions in [0, l0)
         masked_up_to = before + tl.cumsum(is_masked.to(tl.int32), 0)  # masked positions in [0, pos]
         masked_rank = masked_up_to - 1
         visible_rank = pos - masked_up_to
-        columns = triton_utils.row_tile_columns(BLOCK_D)
-        x_tile = triton_utils.tile_mask(pos_ok, columns, D, EVEN_D)
-        k_tile = triton_utils.tile_mask(pos_ok & is_masked & (masked_rank < n_masked), columns, D, EVEN_D)
-        v_tile = triton_utils.tile_mask(pos_ok & ~is_masked & (visible_rank < L - n_masked), columns, D, EVEN_D)
+        columns = _tiles.row_tile_columns(BLOCK_D)
+        x_tile = _tiles.tile_mask(pos_ok, columns, D, EVEN_D)
+        k_tile = _tiles.tile_mask(pos_ok & is_masked & (masked_rank < n_masked), columns, D, EVEN_D)
+        v_tile = _tiles.tile_mask(pos_ok & ~is_masked & (visible_rank < L - n_masked), columns, D, EVEN_D)
         x = x_ptr + (b * sx_b + pos.to(tl.int64) * sx_l)[:, None] + columns[None, :] * sx_d
         k = masked_ptr + (b * sk_b + masked_rank.to(tl.int64) * sk_n)[:, None] + columns[None, :] * sk_d
         v = visible_ptr + (b * sv_b + visible_rank.to(tl.int64) * sv_n)[:, None] + columns[None, :] * sv_d
@@ -91,13 +89,10 @@ def _split_restore_triton(x, mask, visible, masked, split, config):
     B, L, D = x.shape
     if x.numel() == 0:
         return
-    block_d, even_d, d_tiles = triton_utils.row_tile(D)
     as_bytes = mask.view(torch.uint8)
-    args = (x, as_bytes, visible, masked, L, masked.shape[1], D, triton_utils.rows_bucket(L),
+    args = (x, as_bytes, visible, masked, L, masked.shape[1], D, _tiles.rows_bucket(L),
             *x.stride(), *as_bytes.stride(), *visible.stride(), *masked.stride())
-    meta = dict(SPLIT=split, BLOCK_D=block_d, EVEN_D=even_d, PREFIX_BLOCK=triton_utils.PREFIX_BLOCK)
-    triton_utils.launch(_split_restore_kernel, lambda m: (B * triton.cdiv(L, m["BLOCK_N"]), d_tiles), args, meta,
-                        config)
+    _tiles.launch(_split_restore_kernel, B, L, D, args, dict(SPLIT=split, PREFIX_BLOCK=_tiles.PREFIX_BLOCK), config)
 
 
 def split_tokens_triton(x, mask, n_masked, *, config=None):
@@ -121,12 +116,12 @@ def _row_limit(mask):
     return [f"rows of {L} positions are above the Triton kernel's {TRITON_MAX_L}"] if L > TRITON_MAX_L else []
 
 
-SPLIT = Dispatcher("split_tokens", values=lambda x, mask, n: _checks.mask_counts("mask", mask, "n_masked", n))
+SPLIT = Dispatcher("split_tokens", values=lambda x, mask, n: checks.mask_counts("mask", mask, "n_masked", n))
 SPLIT.register("reference", split_tokens_reference)
 SPLIT.register("triton", split_tokens_triton, lambda x, mask, n: triton_why_not(x=x) + _row_limit(mask))
 SPLIT.register("cuda", lambda *a: torch.ops.enat.split_tokens_cuda(*a), lambda x, mask, n: cuda_why_not(x=x))
 
-RESTORE = Dispatcher("restore_tokens", values=lambda visible, masked, mask: _checks.mask_counts(
+RESTORE = Dispatcher("restore_tokens", values=lambda visible, masked, mask: checks.mask_counts(
     "mask", mask, "masked.shape[1]", masked.shape[1]))
 RESTORE.register("reference", restore_tokens_reference)
 RESTORE.register("triton", restore_tokens_triton,
@@ -204,8 +199,8 @@ def split_tokens(x, mask, n_masked=None, *, backend=None):
     Rows keep ascending position order. n_masked: True entries per row; give it to avoid a host sync.
     """
     if n_masked is None:
-        _checks.mask("mask", mask)
-        n_masked = _checks.uniform_row_count("mask", mask)
+        checks.mask("mask", mask)
+        n_masked = checks.uniform_row_count("mask", mask)
     return _SPLIT(x, mask, n_masked, backend=backend)
 
 
@@ -215,26 +210,26 @@ def restore_tokens(visible, masked, mask, *, backend=None):
 
 
 def _check_split(x, mask, n_masked):
-    _checks.tensor("x", x, "B L D")
-    _checks.mask("mask", mask, "x", x)
-    _checks.count("n_masked", n_masked, mask.shape[1], "L = mask.shape[1]")
+    checks.tensor("x", x, "B L D")
+    checks.mask("mask", mask, "x", x)
+    checks.count("n_masked", n_masked, mask.shape[1], "L = mask.shape[1]")
     return x, mask, n_masked
 
 
 def _check_restore(visible, masked, mask):
-    _checks.tensor("visible", visible, "B L-n D")
-    _checks.tensor("masked", masked, "B n D")
-    _checks.tensor("mask", mask, "B L")
-    _checks.dtype_in("mask", mask, (torch.bool,))
-    _checks.same_device(visible=visible, masked=masked, mask=mask)
-    _checks.same_dtype(visible=visible, masked=masked)
-    _checks.size_equal("visible", visible, 0, "mask", mask, 0)
-    _checks.size_equal("masked", masked, 0, "mask", mask, 0)
-    _checks.size_equal("masked", masked, 2, "visible", visible, 2)
+    checks.tensor("visible", visible, "B L-n D")
+    checks.tensor("masked", masked, "B n D")
+    checks.tensor("mask", mask, "B L")
+    checks.dtype_in("mask", mask, (torch.bool,))
+    checks.same_device(visible=visible, masked=masked, mask=mask)
+    checks.same_dtype(visible=visible, masked=masked)
+    checks.size_equal("visible", visible, 0, "mask", mask, 0)
+    checks.size_equal("masked", masked, 0, "mask", mask, 0)
+    checks.size_equal("masked", masked, 2, "visible", visible, 2)
     if visible.shape[1] + masked.shape[1] != mask.shape[1]:
         raise ValueError(
             "visible.shape[1] + masked.shape[1] must equal mask.shape[1] (L); got "
-            f"visible: {_checks.describe(visible)}, masked: {_checks.describe(masked)}, mask: {_checks.describe(mask)}"
+            f"visible: {checks.describe(visible)}, masked: {checks.describe(masked)}, mask: {checks.describe(mask)}"
         )
     return visible, masked, mask
 

@@ -1,15 +1,21 @@
-"""Input validation at the boundary of enat_kernels.ops.
+"""Input validation at the boundary of enat_kernels.ops, public for code built on the ops (the enat
+model validates its own inputs with it).
 
 Structural checks (type, rank, shape, dtype, device) cost nothing and always run in the public
 functions. Checks that read tensor values (index range and order, mask counts) run inside the op
 kernels, only where they cost no host sync: always for CPU tensors, and for CUDA tensors when
 ENAT_KERNELS_DEBUG=1. Every message names the argument and shows the shapes.
+
+Public: the names of `__all__`; the ops and the enat model import this module.
 """
 
 import numbers
 import os
 
 import torch
+
+__all__ = ["FLOAT_DTYPES", "ENV_DEBUG", "describe", "tensor", "dtype_in", "same_dtype", "same_device", "size_equal",
+           "index", "mask", "count", "uniform_row_count", "values_checked", "index_values", "mask_counts"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ENV_DEBUG = "ENAT_KERNELS_DEBUG"
