@@ -30,7 +30,7 @@ import enat_kernels
 import enat_kernels.ops as K
 
 from . import _library, triton_utils
-from .backends import BACKENDS, ENV_BACKEND, BackendUnavailableError, explain
+from .backends import REGISTRY, ENV_BACKEND, BackendUnavailableError, device_for, explain
 from .testing import (INTERPRETED_BF16, adaln_error_scales, attention_error_scales, error_budget, heads_view,
                       max_error, padded, strided)
 
@@ -475,12 +475,6 @@ def check_case(op, backend, dtype, device, dims, layout, generator):
     return rows
 
 
-def backend_device(backend):
-    """The device whose tensors `backend` is checked on here: the CPU for the cpu backend (and Triton in
-    its interpreter), else the GPU, or the CPU without one (where only the reference serves)."""
-    if backend == "cpu" or (backend == "triton" and triton_utils.INTERPRET):
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 HEADER = (f"{'op':<22}{'backend':<11}{'dtype':<10}{'shape':<36}{'pass':<6}{'worst':<9}{'max error':>11}"
@@ -493,18 +487,20 @@ def format_row(r):
             f"{'ok' if r.ok else 'FAIL'}")
 
 
-def check(ops=tuple(OPS), backends=BACKENDS, dtypes=DTYPES, cases=None, out=None, seed=0):
-    """Check each op of `ops` on each backend of `backends` that can run here, in each of `dtypes`, at
-    `cases` ({kind: [(dims, layout)]}, default CHECK_CASES), printing a table row per pass as it
-    goes and, last, what was not checked and why. Returns (rows, skipped {reason: [where]})."""
+def check(ops=tuple(OPS), backends=None, dtypes=DTYPES, cases=None, out=None, seed=0):
+    """Check each op of `ops` on each backend of `backends` (default: every registered one) that can run
+    here, in each of `dtypes`, at `cases` ({kind: [(dims, layout)]}, default CHECK_CASES), printing a
+    table row per pass as it goes and, last, what was not checked and why. Returns (rows, skipped
+    {reason: [where]})."""
     out = out or sys.stdout
     cases = cases or CHECK_CASES
+    backends = backends or tuple(REGISTRY)
     generator = torch.Generator().manual_seed(seed)
     rows, skipped = [], {}
     print(HEADER, file=out)
     for op in ops:
         for backend in backends:
-            device = backend_device(backend)
+            device = device_for(backend) or "cpu"  # where it cannot run: its reasons
             for dtype in dtypes if OPS[op].floats else dtypes[:1]:
                 if backend == "triton" and triton_utils.INTERPRET and dtype == torch.bfloat16:
                     skipped.setdefault(f"triton bf16: {INTERPRETED_BF16}", []).append(op)

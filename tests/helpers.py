@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from enat import ENATConfig
-from enat_kernels import _library, triton_utils
+from enat_kernels import _library, backends, triton_utils
 from enat_kernels.testing import INTERPRETED_BF16, assert_within_budget, heads_view, padded, strided  # noqa: F401
 
 HAS_GPU = torch.cuda.is_available()
@@ -74,22 +74,25 @@ def replaced(inputs, changes):
     return inputs, kwargs
 
 
-def backend_params(backends, dtypes, devices):
-    """pytest params of (backend, dtype) for the named dtypes {id: dtype}, marked to skip where the
-    platform cannot run them; `devices` maps each backend to the device its tensors live on."""
+def backend_device(backend):
+    """The device whose tensors `backend` is tested on here (None: auto, on CPU tensors): the GPU where it
+    runs on one, else the CPU (Triton's interpreter, the cpu kernels, the reference without a GPU)."""
+    return "cpu" if backend is None else backends.device_for(backend) or "cpu"
+
+
+def backend_params(names, dtypes):
+    """pytest params of (backend, dtype) for the backends `names` (None: auto) and the named dtypes {id:
+    dtype}, marked to skip where this machine cannot run them."""
     params = []
-    for backend in backends:
+    for backend in names:
         for name, dtype in dtypes.items():
             marks = []
-            if devices[backend] == "cuda":
-                marks.append(needs_gpu)
-            if backend == "cpu":
-                marks.append(needs_cpu_kernels)
-                if dtype not in CPU_KERNEL_DTYPES:
-                    marks.append(pytest.mark.skip(reason="the cpu backend takes fp32 and fp64 (tested to refuse others)"))
-            if backend == "triton":
-                marks.append(needs_triton)
-                if devices[backend] == "cpu" and dtype == torch.bfloat16:
-                    marks.append(pytest.mark.skip(reason=INTERPRETED_BF16))
+            if backend is not None and backends.device_for(backend) is None:
+                why = backends.REGISTRY[backend].device_reasons(torch.device("cuda"), True)
+                marks.append(pytest.mark.skip(reason=f"{backend} cannot run here: {'; '.join(why)}"))
+            if backend == "cpu" and dtype not in CPU_KERNEL_DTYPES:
+                marks.append(pytest.mark.skip(reason="the cpu backend takes fp32 and fp64 (tested to refuse others)"))
+            if backend == "triton" and backend_device(backend) == "cpu" and dtype == torch.bfloat16:
+                marks.append(pytest.mark.skip(reason=INTERPRETED_BF16))
             params.append(pytest.param(backend, dtype, marks=marks, id=f"{backend or 'auto'}-{name}"))
     return params

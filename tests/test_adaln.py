@@ -23,14 +23,21 @@ import oracle
 A = sys.modules["enat_kernels.ops.adaln"]
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-DEVICES = {"reference": "cpu", None: "cpu", "triton": helpers.triton_device(), "cpu": "cpu"}
-CPU = pytest.param("cpu", marks=helpers.needs_cpu_kernels)
+FP32 = {"fp32": torch.float32}
+FORWARD = list(A.ADALN.impls)  # the backends with forward kernels (both ops have the same ones)
+BACKWARD = list(A.ADALN_BACKWARD.impls)
+assert FORWARD == list(A.RESIDUAL_ADALN.impls) and BACKWARD == list(A.RESIDUAL_ADALN_BACKWARD.impls)
 ROWS = ("gate", "shift", "scale")
 
 
 def backend_params(backends, dtypes=DTYPES):
     """pytest params of (backend, dtype), marked to skip where the platform cannot run them."""
-    return helpers.backend_params(backends, dtypes, DEVICES)
+    return helpers.backend_params(backends, dtypes)
+
+
+def backends_fp32(names):
+    """pytest params of the backends `names` in fp32: the backend alone."""
+    return [pytest.param(p.values[0], marks=p.marks, id=p.values[0]) for p in helpers.backend_params(names, FP32)]
 
 
 def make_inputs(B, L, d, dtype=torch.float32, device="cpu", requires_grad=False):
@@ -103,11 +110,11 @@ def check_forward(op, outputs, t, what=""):
 # Forward.
 
 
-@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", None, "triton", "cpu"]))
+@pytest.mark.parametrize(("backend", "dtype"), backend_params([None, *FORWARD]))
 @pytest.mark.parametrize("shape", SHAPES, ids=case_id)
 @pytest.mark.parametrize("op", OPS)
 def test_forward_matches_oracle(op, shape, dtype, backend):
-    t = make_inputs(*shape, dtype=dtype, device=DEVICES[backend])
+    t = make_inputs(*shape, dtype=dtype, device=helpers.backend_device(backend))
     check_forward(op, _call(op, t, backend), t, what=f"{op} {case_id(shape)} {dtype} {backend}")
 
 
@@ -131,10 +138,10 @@ def test_eps_argument():
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=helpers.needs_triton), CPU])
+@pytest.mark.parametrize("backend", backends_fp32(FORWARD))
 def test_eps_zero(backend):
     """eps = 0 is allowed: rows past L in a tile (rstd infinite there) do not reach the results."""
-    t = make_inputs(2, 3, 61, device=DEVICES[backend], requires_grad=True)
+    t = make_inputs(2, 3, 61, device=helpers.backend_device(backend), requires_grad=True)
     out = K.adaln(t["x"], t["shift"], t["scale"], eps=0.0, backend=backend)
     x_new, out2 = K.residual_adaln(t["x"], t["y"], t["gate"], t["shift"], t["scale"], eps=0.0, backend=backend)
     grads = torch.autograd.grad((out, x_new, out2), list(t.values()), [torch.ones_like(out)] * 3)
@@ -167,12 +174,12 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", "triton", "cpu"], {"fp32": torch.float32,
+@pytest.mark.parametrize(("backend", "dtype"), backend_params(FORWARD, {"fp32": torch.float32,
                                                                                       "fp16": torch.float16}))
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("op", OPS)
 def test_layouts(op, layout, dtype, backend):
-    t = make_inputs(3, 7, 61, dtype=dtype, device=DEVICES[backend])
+    t = make_inputs(3, 7, 61, dtype=dtype, device=helpers.backend_device(backend))
     views = LAYOUTS[layout](t)
     for k, v in views.items():
         assert torch.equal(v, t[k]) and v.stride(-1) == 1
@@ -185,11 +192,11 @@ def test_layouts(op, layout, dtype, backend):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=helpers.needs_triton), CPU])
+@pytest.mark.parametrize("backend", backends_fp32(FORWARD))
 def test_gradients_through_model_views(backend):
     """Gradients reach the (B, 8d) modulation tensor through its column views, as in the model."""
     B, L, d = 2, 5, 61
-    device = DEVICES[backend]
+    device = helpers.backend_device(backend)
     t = make_inputs(B, L, d, device=device)
     mod = torch.randn(B, 8 * d, device=device, requires_grad=True)
     gate, shift, scale = (mod[:, i * d:(i + 1) * d] for i in (4, 5, 6))
@@ -209,12 +216,12 @@ def test_gradients_through_model_views(backend):
 # Gradients.
 
 
-@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", "triton", "cpu"]))
+@pytest.mark.parametrize(("backend", "dtype"), backend_params(FORWARD))
 @pytest.mark.parametrize("shape", GRAD_SHAPES, ids=case_id)
 @pytest.mark.parametrize("op", OPS)
 def test_gradients_match_oracle(op, shape, dtype, backend):
     """Gradients of every input against the oracle's autograd gradients (budget factor 3)."""
-    device = DEVICES[backend]
+    device = helpers.backend_device(backend)
     t = make_inputs(*shape, dtype=dtype, device=device, requires_grad=True)
     names = _inputs_of(op)
     n_out = 1 if op == "adaln" else 2
@@ -240,11 +247,11 @@ def test_gradients_match_oracle(op, shape, dtype, backend):
                                      scale=scales[name])
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=helpers.needs_triton), CPU])
+@pytest.mark.parametrize("backend", backends_fp32(FORWARD))
 @pytest.mark.parametrize("used", ["x_new", "out"])
 def test_residual_one_output_used(used, backend):
     """A loss of only one of the two outputs: the other's gradient is taken as zero."""
-    t = make_inputs(2, 5, 16, device=DEVICES[backend], requires_grad=True)
+    t = make_inputs(2, 5, 16, device=helpers.backend_device(backend), requires_grad=True)
     x_new, out = _call("residual_adaln", t, backend)
     loss = (x_new if used == "x_new" else out).pow(2).sum()
     grads = torch.autograd.grad(loss, list(t.values()))
@@ -293,10 +300,10 @@ def test_triton_tiling(block_l, programs):
     assert all(torch.equal(a, b) for a, b in zip(ours, again)), "the backward is not deterministic"
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=helpers.needs_triton), CPU])
+@pytest.mark.parametrize("backend", backends_fp32(FORWARD))
 def test_empty(backend):
     """L = 0: empty outputs, zero gradients for the (B, d) rows."""
-    t = make_inputs(2, 0, 16, device=DEVICES[backend], requires_grad=True)
+    t = make_inputs(2, 0, 16, device=helpers.backend_device(backend), requires_grad=True)
     x_new, out = _call("residual_adaln", t, backend)
     assert x_new.shape == out.shape == (2, 0, 16)
     grads = torch.autograd.grad((x_new.sum() + out.sum()), list(t.values()))
@@ -365,21 +372,20 @@ def test_forced_triton_limits(change, pattern):
 
 # opcheck (torch.library): schema, fake kernel, autograd registration, AOT dispatch.
 
-FP32 = {"fp32": torch.float32}
 
 
-@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", "triton", "cpu"], FP32))
+@pytest.mark.parametrize(("backend", "dtype"), backend_params(FORWARD, FP32))
 @pytest.mark.parametrize("op", OPS)
 def test_opcheck_forward(op, backend, dtype):
-    t = make_inputs(2, 5, 61, dtype=dtype, device=DEVICES[backend], requires_grad=True)
+    t = make_inputs(2, 5, 61, dtype=dtype, device=helpers.backend_device(backend), requires_grad=True)
     args = [t[n] for n in _inputs_of(op)]
     torch.library.opcheck(getattr(torch.ops.enat, op).default, (*args, 1e-6, backend))
 
 
-@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", "triton"], FP32))
+@pytest.mark.parametrize(("backend", "dtype"), backend_params(BACKWARD, FP32))
 @pytest.mark.parametrize("op", OPS)
 def test_opcheck_backward(op, backend, dtype):
-    t = make_inputs(2, 5, 61, dtype=dtype, device=DEVICES[backend])
+    t = make_inputs(2, 5, 61, dtype=dtype, device=helpers.backend_device(backend))
     g = torch.randn_like(t["x"])
     if op == "adaln":
         args = (g, t["x"], t["scale"])

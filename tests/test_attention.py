@@ -27,7 +27,8 @@ NAMES = ("q", "k_ctx", "v_ctx", "k_self", "v_self")
 
 # backend -> device its tensors live on in this session (None = auto, on CPU tensors).
 ATTENTION = sys.modules["enat_kernels.ops.asymmetric_attention"]
-DEVICES = {"reference": "cpu", None: "cpu", "triton": helpers.triton_device(), "cuda": "cuda", "cpu": "cpu"}
+FORWARD = list(ATTENTION.FORWARD.impls)  # the backends with a forward kernel; backward ones: BACKWARD
+BACKWARD = list(ATTENTION.BACKWARD.impls)
 
 
 @pytest.fixture(autouse=True)
@@ -36,14 +37,14 @@ def _refused_fp32_head_dims(request):
     test_gpu_targets.py); the interpreter runs those cases on CPU tensors."""
     params = request.node.callspec.params if hasattr(request.node, "callspec") else {}
     shape = params.get("shape")
-    if (params.get("backend") == "triton" and DEVICES["triton"] == "cuda" and params.get("dtype") == torch.float32
+    if (params.get("backend") == "triton" and helpers.backend_device("triton") == "cuda" and params.get("dtype") == torch.float32
             and shape is not None and shape[-1] > ATTENTION.TRITON_FP32_MAX_D):
         pytest.skip("the Triton backend refuses fp32 GPU tensors above head dim 32 (exact products spill registers)")
 
 
 def backend_params(backends, dtypes=DTYPES):
     """pytest params of (backend, dtype), marked to skip where the platform cannot run them."""
-    return helpers.backend_params(backends, dtypes, DEVICES)
+    return helpers.backend_params(backends, dtypes)
 
 
 def make_inputs(B, H, Lq, Lc, Ls, D, dtype=torch.float32, device="cpu", requires_grad=False):
@@ -101,10 +102,10 @@ def check_forward(out, lse, inputs, scale=None, what=""):
 # Forward.
 
 
-@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", None, "triton", "cuda", "cpu"]))
+@pytest.mark.parametrize(("backend", "dtype"), backend_params([None, *FORWARD]))
 @pytest.mark.parametrize("shape", SHAPES, ids=[case_id(c) for c in SHAPES])
 def test_forward_matches_oracle(shape, dtype, backend):
-    inputs = make_inputs(*shape, dtype=dtype, device=DEVICES[backend])
+    inputs = make_inputs(*shape, dtype=dtype, device=helpers.backend_device(backend))
     out, lse = K.asymmetric_attention(*inputs, return_lse=True, backend=backend)
     check_forward(out, lse, inputs, what=f"{case_id(shape)} {dtype} {backend}")
 
@@ -131,7 +132,7 @@ def test_return_lse_default_is_tensor_only(dtype):
     assert lse.dtype == torch.float32
 
 
-@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", None, "triton", "cuda", "cpu"], {"fp32": torch.float32}))
+@pytest.mark.parametrize(("backend", "dtype"), backend_params([None, *FORWARD], {"fp32": torch.float32}))
 @pytest.mark.parametrize("shape", [(2, 3, 7, 5, 4, 16), (1, 2, 13, 0, 5, 61)], ids=case_id)
 def test_output_is_laid_out_b_lq_h_d(shape, backend, dtype):
     """out (B, H, Lq, D) is (B, Lq, H, D) memory, as the fake kernel says: out.transpose(1, 2) is
@@ -139,7 +140,7 @@ def test_output_is_laid_out_b_lq_h_d(shape, backend, dtype):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     B, H, Lq, _, _, D = shape
-    inputs = make_inputs(*shape, dtype=dtype, device=DEVICES[backend])
+    inputs = make_inputs(*shape, dtype=dtype, device=helpers.backend_device(backend))
     out = K.asymmetric_attention(*inputs, backend=backend)
     assert out.transpose(1, 2).is_contiguous(), out.stride()
     merged = out.transpose(1, 2).reshape(B, Lq, H * D)  # enat.model.Attention.forward
@@ -217,13 +218,13 @@ LAYOUTS = {
 
 @pytest.mark.parametrize(
     ("backend", "dtype"),
-    backend_params(["reference", "triton", "cuda", "cpu"], {"fp32": torch.float32, "fp16": torch.float16}),
+    backend_params(FORWARD, {"fp32": torch.float32, "fp16": torch.float16}),
 )
 @pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
 @pytest.mark.parametrize("shape", [(2, 3, 7, 17, 4, 61), (3, 2, 13, 0, 5, 64), (1, 3, 1, 5, 0, 16)], ids=case_id)
 def test_non_contiguous_inputs(shape, layout, dtype, backend):
     """Permuted, strided and NaN-padded views (NaN past each tensor's logical end) without copies."""
-    inputs = make_inputs(*shape, dtype=dtype, device=DEVICES[backend])
+    inputs = make_inputs(*shape, dtype=dtype, device=helpers.backend_device(backend))
     if layout == "mixed":
         fns = [helpers.heads_view, helpers.strided, helpers.padded, helpers.heads_view, helpers.strided]
     else:
@@ -251,10 +252,10 @@ def test_expanded_kv():
     check_forward(out, lse, [q, kc, vc, ks, vs], what="expanded")
 
 
-@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", "triton", "cuda", "cpu"], {"fp32": torch.float32}))
+@pytest.mark.parametrize(("backend", "dtype"), backend_params(FORWARD, {"fp32": torch.float32}))
 def test_large_scores_within_budget(backend, dtype):
     """Scores of magnitude ~1e2-1e3: no overflow to inf/NaN, and still within the error budget."""
-    inputs = make_inputs(1, 2, 7, 5, 4, 16, dtype=dtype, device=DEVICES[backend])
+    inputs = make_inputs(1, 2, 7, 5, 4, 16, dtype=dtype, device=helpers.backend_device(backend))
     inputs[0] = inputs[0] * 40
     out, lse = K.asymmetric_attention(*inputs, scale=2.0, return_lse=True, backend=backend)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
@@ -280,12 +281,12 @@ def test_gradcheck_fp64(shape, backend):
 GRAD_CASES = [(2, 3, 7, 17, 4, 61), (1, 2, 13, 0, 5, 64), (3, 1, 7, 5, 0, 128), (2, 2, 1, 1, 1, 16), (1, 2, 0, 5, 4, 16)]
 
 
-@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", "triton", "cuda", "cpu"]))
+@pytest.mark.parametrize(("backend", "dtype"), backend_params(FORWARD))
 @pytest.mark.parametrize("shape", GRAD_CASES, ids=[case_id(c) for c in GRAD_CASES])
 def test_gradients_match_oracle(shape, dtype, backend):
     """Gradients of all five inputs against the oracle's autograd gradients (budget factor 3).
     The forward's backend runs the backward where it has one (CUDA hands over to Triton)."""
-    device = DEVICES[backend]
+    device = helpers.backend_device(backend)
     inputs = make_inputs(*shape, dtype=dtype, device=device, requires_grad=True)
     grad_out = torch.randn(inputs[0].shape, dtype=torch.float64).to(dtype=dtype, device=device)
 
@@ -331,19 +332,19 @@ def test_return_lse_under_autograd():
 FP32 = {"fp32": torch.float32}
 
 
-@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", "triton", "cuda", "cpu"], FP32))
+@pytest.mark.parametrize(("backend", "dtype"), backend_params(FORWARD, FP32))
 @pytest.mark.parametrize(
     "shape", [(2, 3, 7, 17, 4, 61), (1, 2, 5, 0, 5, 16), (1, 2, 5, 5, 0, 16), (1, 1, 0, 3, 2, 16)], ids=case_id
 )
 def test_opcheck_forward(shape, backend, dtype):
-    inputs = make_inputs(*shape, dtype=dtype, device=DEVICES[backend], requires_grad=True)
+    inputs = make_inputs(*shape, dtype=dtype, device=helpers.backend_device(backend), requires_grad=True)
     torch.library.opcheck(torch.ops.enat.asymmetric_attention.default, (*inputs, 0.37, backend))
 
 
-@pytest.mark.parametrize(("backend", "dtype"), backend_params(["reference", "triton"], FP32))
+@pytest.mark.parametrize(("backend", "dtype"), backend_params(BACKWARD, FP32))
 @pytest.mark.parametrize("shape", [(2, 3, 7, 17, 4, 61), (1, 2, 5, 0, 5, 16)], ids=case_id)
 def test_opcheck_backward(shape, backend, dtype):
-    inputs = make_inputs(*shape, dtype=dtype, device=DEVICES[backend])
+    inputs = make_inputs(*shape, dtype=dtype, device=helpers.backend_device(backend))
     out, lse = torch.ops.enat.asymmetric_attention(*inputs, 0.37, backend)
     grad_out = torch.randn_like(out)
     torch.library.opcheck(
