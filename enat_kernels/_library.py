@@ -40,15 +40,16 @@ CPU, CPU_ERROR = _load_cpu_kernels()
 LIB = torch.library.Library("enat", "FRAGMENT")
 
 
-def define(schema, router, fake):
-    """Define the public op enat::<name> from its schema (whose last argument is `str backend`), with
-    `router` as its CPU and CUDA kernel and `fake` as its fake (shape) kernel. Returns the op."""
+def define(schema, router, fake, lib=LIB):
+    """Define the public op enat::<name> (<lib's namespace>::<name>) from its schema (whose last argument
+    is `str backend`), with `router` as its CPU and CUDA kernel and `fake` as its fake (shape) kernel.
+    Returns the op."""
     name = schema.split("(", 1)[0]
-    LIB.define(schema)
-    LIB.impl(name, router, "CPU")
-    LIB.impl(name, router, "CUDA")
-    torch.library.register_fake(f"enat::{name}", lib=LIB)(fake)
-    return getattr(torch.ops.enat, name)
+    lib.define(schema)
+    lib.impl(name, router, "CPU")
+    lib.impl(name, router, "CUDA")
+    torch.library.register_fake(f"{lib.ns}::{name}", lib=lib)(fake)
+    return getattr(getattr(torch.ops, lib.ns), name)
 
 
 def register_cuda_fake(name, fake):

@@ -369,14 +369,14 @@ class _Plan(NamedTuple):
 
 
 class Entry:
-    """The public function's path to the op enat::<dispatcher.op>. `validate(*args)` checks the
-    arguments (errors name them) and returns them normalised (the same tensors; defaults and numbers
-    resolved); it runs, and the backend is chosen, once per call signature."""
+    """The public function's path to the registered op (default enat::<dispatcher.op>). `validate(*args)`
+    checks the arguments (errors name them) and returns them normalised (the same tensors; defaults and
+    numbers resolved); it runs, and the backend is chosen, once per call signature."""
 
-    def __init__(self, dispatcher, validate):
+    def __init__(self, dispatcher, validate, op=None):
         self.dispatcher = dispatcher
         self.validate = validate
-        self.op = getattr(torch.ops.enat, dispatcher.op)
+        self.op = op if op is not None else getattr(torch.ops.enat, dispatcher.op)
         self.values, self.impls = dispatcher.values, dispatcher.impls
         self._plans = _cache()
         ENTRIES[dispatcher.op] = self

@@ -1,6 +1,7 @@
 """Adding a backend by the steps of docs/OPS.md ("Adding a backend"): a Backend subclass, its
 registration (enat_kernels.backends.add), one implementation per op it serves (Dispatcher.register);
-then it is chosen, forced, explained and refused like the built-in ones, and removed without a trace."""
+then it is chosen, forced, explained and refused like the built-in ones, and removed without a trace.
+Last, adding an op by the steps of "Adding an op", in a namespace of its own."""
 
 import pytest
 import torch
@@ -122,3 +123,84 @@ def test_removed_without_a_trace():
         K.gather_tokens(x, index, backend="toy")
     with pytest.raises(ValueError, match="no backend 'toy' is registered"):
         backends.remove("toy")
+
+
+# Adding an op by the steps of docs/OPS.md ("Adding an op"), in a namespace of its own: scale_rows(x, w)
+# = x * w[b] for x (B, L, D), w (B,), with a reference and a toy-backend kernel.
+
+
+def scale_rows_reference(x, w):
+    return x * w[:, None, None]
+
+
+def scale_rows_toy(x, w):
+    return torch.einsum("bld,b->bld", x, w)
+
+
+def _validate(x, w):
+    enat_kernels.checks.tensor("x", x, "B L D")
+    enat_kernels.checks.tensor("w", w, "B")
+    enat_kernels.checks.size_equal("w", w, 0, "x", x, 0)
+    return x, w
+
+
+@pytest.fixture(scope="module")
+def scale_rows():
+    """The public function of the op, defined and registered for this module's tests, then taken back out
+    of the package's registries (the library's registrations with it)."""
+    from enat_kernels._library import define
+    from enat_kernels.backends import Dispatcher, Entry
+
+    backends.add(Toy(), before="reference")
+    dispatcher = Dispatcher("scale_rows")
+    dispatcher.register("reference", scale_rows_reference)
+    dispatcher.register("toy", scale_rows_toy, lambda x, w: [] if x.dtype == torch.float32 else ["float32 only"])
+    lib = torch.library.Library("enat_example", "DEF")
+    op = define("scale_rows(Tensor x, Tensor w, str backend) -> Tensor",
+                lambda x, w, backend: dispatcher.run(backend, x.device, x, w), lambda x, w, backend: torch.empty_like(x),
+                lib=lib)
+
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        return op(grad, w, ctx.backend), (grad * x).sum((1, 2)), None
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], inputs[1])
+        ctx.backend = inputs[2]
+
+    torch.library.register_autograd("enat_example::scale_rows", backward, setup_context=setup, lib=lib)
+    entry = Entry(dispatcher, _validate, op)
+
+    def public(x, w, *, backend=None):
+        """x (B, L, D) with each batch row b scaled by w[b] (B,)."""
+        return entry(x, w, backend=backend)
+
+    try:
+        yield public
+    finally:
+        backends.DISPATCHERS.pop("scale_rows")
+        backends.ENTRIES.pop("scale_rows")
+        backends.remove("toy")
+        lib._destroy()
+
+
+def test_a_new_op_runs_on_its_backends(scale_rows):
+    x, w = torch.randn(2, 5, 3), torch.randn(2)
+    expected = x.double() * w.double()[:, None, None]
+    for backend in (None, "toy", "reference"):
+        torch.testing.assert_close(scale_rows(x, w, backend=backend).double(), expected)
+    assert torch.equal(scale_rows(x.double(), w.double()), scale_rows_reference(x.double(), w.double()))
+    with pytest.raises(BackendUnavailableError, match="float32 only"):
+        scale_rows(x.double(), w.double(), backend="toy")
+    with pytest.raises(ValueError, match="w"):
+        scale_rows(x, torch.randn(3))
+
+
+def test_a_new_op_has_gradients_and_compiles(scale_rows):
+    x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: scale_rows(x, w, backend="reference"), (x, w))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, w: scale_rows(x, w) * 2, fullgraph=True)
+    x32, w32 = x.detach().float(), w.detach().float()
+    torch.testing.assert_close(compiled(x32, w32), 2 * scale_rows_reference(x32, w32))
