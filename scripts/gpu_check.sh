@@ -99,8 +99,8 @@ capped 120 15 $PY -m pytest benchmarks/bench_train.py --benchmark-only -q -m "no
 tail -3 "$OUT_DIR/bench_train.txt"
 
 step "profile: ENAT-L 256 px, batch 128"
-{ capped 40 10 $PY benchmarks/profile_sample.py ENAT-L --batch 128 --top 12
-  capped 30 10 $PY benchmarks/profile_sample.py ENAT-L --batch 128 --provider torch --top 8; } > "$OUT_DIR/profile.txt" 2>&1 || status=1
+{ capped 40 10 $PY benchmarks/profile_sample.py ENAT-L --batch-size 128 --top 12
+  capped 30 10 $PY benchmarks/profile_sample.py ENAT-L --batch-size 128 --provider torch --top 8; } > "$OUT_DIR/profile.txt" 2>&1 || status=1
 grep "images/s\|device busy" "$OUT_DIR/profile.txt"
 
 # Evaluation: 5,000 samples of ENAT-L at 256 px (random weights, bf16, batch 125, channels_last) through
