@@ -20,7 +20,7 @@ CPU_KERNEL_DTYPES = (torch.float32, torch.float64)  # what the cpu backend's ker
 
 
 def triton_device():
-    """Where Triton kernels run in this session: CPU tensors under the interpreter, else the GPU."""
+    """Where Triton kernels run here: CPU tensors under the interpreter, else the GPU."""
     return "cpu" if triton_utils.INTERPRET else "cuda"
 
 

@@ -25,7 +25,6 @@ import oracle
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 NAMES = ("q", "k_ctx", "v_ctx", "k_self", "v_self")
 
-# backend -> device its tensors live on in this session (None = auto, on CPU tensors).
 ATTENTION = sys.modules["enat_kernels.ops.asymmetric_attention"]
 FORWARD = list(ATTENTION.FORWARD.impls)  # the backends with a forward kernel; backward ones: BACKWARD
 BACKWARD = list(ATTENTION.BACKWARD.impls)

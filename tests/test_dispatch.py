@@ -141,7 +141,7 @@ def test_cpu_tensors_take_the_cpu_kernels_else_the_reference(monkeypatch):
 def test_triton_on_cpu_only_when_forced_under_the_interpreter():
     x, index = _tokens()
     if triton_device() != "cpu":
-        pytest.skip("Triton compiles for the GPU in this session; the interpreter rule applies to GPU-less runs")
+        pytest.skip("Triton compiles for the GPU in this run; the interpreter rule applies to GPU-less runs")
     assert GATHER.select(None, CPU, x, index) == "reference"
     assert GATHER.select("triton", CPU, x, index) == "triton"
     out = K.gather_tokens(x, index, backend="triton")

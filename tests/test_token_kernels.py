@@ -24,7 +24,7 @@ TOKEN_OPS = [op for op, spec in info.OPS.items() if spec.kind == "tokens"]
 LAYOUTS = {"contiguous": lambda t: t, "strided": helpers.strided, "padded": helpers.padded}
 # The backends with a kernel (not the reference) for every token op, for the GPU-only tests.
 KERNELS = [pytest.param(b, marks=[] if backends.device_for(b) == "cuda" else [pytest.mark.skip(
-               reason=f"{b} does not run on a GPU in this session")], id=b)
+               reason=f"{b} does not run on a GPU here")], id=b)
            for b in backends.BACKENDS
            if b != "reference" and all(b in backends.DISPATCHERS[op].impls for op in TOKEN_OPS)]
 

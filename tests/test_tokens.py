@@ -4,7 +4,7 @@ n = L, L = 1, D in {1, 3, 8, 61, 1024}), non-contiguous inputs, NaN-filled memor
 end, gradients, opcheck, and bad input.
 
 The ops are info.OPS's token ops and the backends those with an implementation of the op, each run
-where it can run in this session (enat_kernels.backends.device_for): the reference on CPU tensors
+where it can run on this machine (enat_kernels.backends.device_for): the reference on CPU tensors
 (the GPU where there is one), Triton in its interpreter on CPU tensors (tests/conftest.py) or on
 the GPU, CUDA on the GPU. The kernels' own internals (every config, tiles, broken preconditions, GPU
 streams and graphs) are tests/test_token_kernels.py's.
