@@ -49,29 +49,48 @@ def _pip_cuda_include_dirs():
     return sorted({d for d in dirs if os.path.isdir(d)})
 
 
-def _cuda_build_plan():
-    """(True, None) to build the extension, or (False, reason)."""
-    switch = os.environ.get("ENAT_KERNELS_BUILD_CUDA", "").strip()
+TORCH_MISSING = "torch is not installed (install it first and use --no-build-isolation)"
+
+
+def _build_plan(switch_name, what, why_not):
+    """(True, None) to build `what`, or (False, reason). The switch `switch_name` = 0 skips it, = 1 turns
+    a reason to skip into an error; `why_not()` gives the reason it cannot be built, or None."""
+    switch = os.environ.get(switch_name, "").strip()
     if switch not in ("", "0", "1"):
-        raise SystemExit(f"ENAT_KERNELS_BUILD_CUDA must be 0, 1 or unset, got {switch!r}")
+        raise SystemExit(f"{switch_name} must be 0, 1 or unset, got {switch!r}")
     if switch == "0":
-        return False, "ENAT_KERNELS_BUILD_CUDA=0"
+        return False, f"{switch_name}=0"
+    reason = why_not()
+    if reason is None:
+        return True, None
+    if switch == "1":
+        raise SystemExit(f"{switch_name}=1 but {what} cannot be built: {reason}")
+    return False, reason
+
+
+def _cuda_why_not():
+    """Why the CUDA extension cannot be built here, or None (then CUDA_HOME is set)."""
     try:
         import torch
     except ImportError:
-        reason = "torch is not installed (install it first and use --no-build-isolation)"
-    else:
-        cuda_home = _find_cuda_home()
-        if torch.version.cuda is None:
-            reason = f"torch {torch.__version__} is a CPU-only build"
-        elif cuda_home is None:
-            reason = "nvcc was not found (set CUDA_HOME)"
-        else:
-            os.environ["CUDA_HOME"] = cuda_home
-            return True, None
-    if switch == "1":
-        raise SystemExit(f"ENAT_KERNELS_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
-    return False, reason
+        return TORCH_MISSING
+    cuda_home = _find_cuda_home()
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    if cuda_home is None:
+        return "nvcc was not found (set CUDA_HOME)"
+    os.environ["CUDA_HOME"] = cuda_home
+    return None
+
+
+def _cpu_why_not():
+    """Why the CPU kernels cannot be built here, or None."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return TORCH_MISSING
+    host = _set_host_compiler()
+    return None if shutil.which(host) else f"no C++ compiler ({host})"
 
 
 def _default_max_jobs():
@@ -95,28 +114,18 @@ def _set_host_compiler():
 
 def _cpu_extension():
     """The CPU kernels' extension, or None (with the reason printed)."""
-    switch = os.environ.get("ENAT_KERNELS_BUILD_CPU", "").strip()
-    if switch not in ("", "0", "1"):
-        raise SystemExit(f"ENAT_KERNELS_BUILD_CPU must be 0, 1 or unset, got {switch!r}")
-    try:
-        from torch.utils.cpp_extension import CppExtension
-    except ImportError:
-        reason = "torch is not installed (install it first and use --no-build-isolation)"
-    else:
-        host = _set_host_compiler()
-        if switch != "0" and shutil.which(host):
-            return CppExtension(name="enat_kernels._cpu", sources=["csrc/cpu/kernels.cpp"],
-                                extra_compile_args=["-O3", *HIDDEN])
-        reason = "ENAT_KERNELS_BUILD_CPU=0" if switch == "0" else f"no C++ compiler ({host})"
-    if switch == "1":
-        raise SystemExit(f"ENAT_KERNELS_BUILD_CPU=1 but the CPU kernels cannot be built: {reason}")
-    print(f"enat_kernels: CPU kernels skipped ({reason})")
-    return None
+    build, reason = _build_plan("ENAT_KERNELS_BUILD_CPU", "the CPU kernels", _cpu_why_not)
+    if not build:
+        print(f"enat_kernels: CPU kernels skipped ({reason})")
+        return None
+    from torch.utils.cpp_extension import CppExtension
+
+    return CppExtension(name="enat_kernels._cpu", sources=["csrc/cpu/kernels.cpp"], extra_compile_args=["-O3", *HIDDEN])
 
 
 def _cuda_extension():
     """The CUDA extension, or None (with the reason printed)."""
-    build, reason = _cuda_build_plan()
+    build, reason = _build_plan("ENAT_KERNELS_BUILD_CUDA", "the CUDA extension", _cuda_why_not)
     if not build:
         print(f"enat_kernels: CUDA backend skipped ({reason})")
         return None

@@ -382,8 +382,7 @@ class Entry:
         ENTRIES[dispatcher.op] = self
 
     def __call__(self, *args, backend=None):
-        key = (signature(*args), backend, os.environ.get(ENV_BACKEND), _library.EXTENSION_LOADED, _library.CPU,
-               triton_utils.triton, triton_utils.INTERPRET)  # as _state(), inline: this is every call's path
+        key = (signature(*args), backend, _state())
         plan = _get(self._plans, key)
         if plan is None:
             plan = _put(self._plans, key, self._plan(args, backend))

@@ -4,7 +4,8 @@ model validates its own inputs with it).
 Structural checks (type, rank, shape, dtype, device) cost nothing and always run in the public
 functions. Checks that read tensor values (index range and order, mask counts) run inside the op
 kernels, only where they cost no host sync: always for CPU tensors, and for CUDA tensors when
-ENAT_KERNELS_DEBUG=1. Every message names the argument and shows the shapes.
+ENAT_KERNELS_DEBUG=1. Every message names the argument and shows the shapes. Last, the wording of the
+kernels' limits (`dtype_reasons`, `strided_rows_reasons`), which the backends list rather than raise.
 
 Public: the names of `__all__`; the ops and the enat model import this module.
 """
@@ -15,7 +16,7 @@ import os
 import torch
 
 __all__ = ["FLOAT_DTYPES", "ENV_DEBUG", "describe", "tensor", "dtype_in", "same_dtype", "same_device", "size_equal",
-           "index", "mask", "count", "uniform_row_count", "values_checked", "index_values", "mask_counts"]
+           "index", "mask", "count", "uniform_row_count", "values_checked", "index_values", "mask_counts", "dtype_reasons", "strided_rows_reasons"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ENV_DEBUG = "ENAT_KERNELS_DEBUG"
@@ -142,3 +143,21 @@ def mask_counts(name, m, count_name, n):
             f"every row of {name} must have {count_name} = {n} True entries; got counts from {lo} to {hi} "
             f"({name}: {describe(m)})"
         )
+
+
+# A kernel's limits: reasons it cannot take the inputs (a backend's why_not), not errors.
+
+
+def dtype_reasons(kernels, t, dtypes):
+    """[why `kernels` (e.g. "the Triton adaLN kernels") cannot take t's dtype], or [] when it is in `dtypes`."""
+    if t.dtype in dtypes:
+        return []
+    names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+    return [f"{kernels} take {names}, got {str(t.dtype).removeprefix('torch.')}"]
+
+
+def strided_rows_reasons(**tensors):
+    """[why a kernel that reads rows contiguously cannot take it] for each tensor whose last dimension is
+    strided."""
+    return [f"{name} is not contiguous in its last dimension (strides {t.stride()})"
+            for name, t in tensors.items() if t.shape[-1] > 1 and t.stride(-1) != 1]

@@ -16,7 +16,7 @@ and index rows, which many programs read, with "evict_last".
 
 import torch
 
-from .. import triton_utils
+from .. import checks, triton_utils
 
 triton, tl = triton_utils.triton, triton_utils.tl
 
@@ -82,11 +82,7 @@ def triton_why_not(**tensors):
 def cuda_why_not(**tensors):
     """The CUDA row kernels (csrc/cuda/gather_tokens.cu, csrc/cuda/tokens.cu) move any dtype, but need
     rows contiguous in their last dimension."""
-    return [
-        f"{name} is not contiguous in its last dimension (strides {t.stride()})"
-        for name, t in tensors.items()
-        if t.shape[-1] > 1 and t.stride(-1) != 1
-    ]
+    return checks.strided_rows_reasons(**tensors)
 
 
 if triton is not None:

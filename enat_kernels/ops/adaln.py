@@ -274,18 +274,12 @@ def _triton_why_not(**tensors):
     """The Triton kernels' limits: dtype, d, B, and rows contiguous in their last dimension."""
     x = next(iter(tensors.values()))
     B, D = x.shape[0], x.shape[-1]
-    reasons = []
-    if x.dtype not in TRITON_DTYPES:
-        names = ", ".join(str(d).removeprefix("torch.") for d in TRITON_DTYPES)
-        reasons.append(f"the Triton adaLN kernels take {names}, got {str(x.dtype).removeprefix('torch.')}")
+    reasons = _checks.dtype_reasons("the Triton adaLN kernels", x, TRITON_DTYPES)
     if D > TRITON_MAX_D:
         reasons.append(f"d = {D} is above the Triton adaLN kernels' {TRITON_MAX_D}")
     if B > TRITON_MAX_B:
         reasons.append(f"B = {B} is above the Triton adaLN kernels' {TRITON_MAX_B}")
-    for name, t in tensors.items():
-        if t.shape[-1] > 1 and t.stride(-1) != 1:
-            reasons.append(f"{name} is not contiguous in its last dimension (strides {t.stride()})")
-    return reasons
+    return reasons + _checks.strided_rows_reasons(**tensors)
 
 
 # CPU (csrc/cpu/kernels.cpp): forward only, fp32 and fp64, one pass of C++ per row (statistics, then
@@ -306,13 +300,7 @@ def residual_adaln_cpu(x, y, gate, shift, scale, eps):
 def _cpu_why_not(**tensors):
     """The CPU kernels' limits: dtype, and rows contiguous in their last dimension."""
     x = next(iter(tensors.values()))
-    reasons = []
-    if x.dtype not in CPU_DTYPES:
-        reasons.append(f"the CPU adaLN kernels take float32, float64, got {str(x.dtype).removeprefix('torch.')}")
-    for name, t in tensors.items():
-        if t.shape[-1] > 1 and t.stride(-1) != 1:
-            reasons.append(f"{name} is not contiguous in its last dimension (strides {t.stride()})")
-    return reasons
+    return _checks.dtype_reasons("the CPU adaLN kernels", x, CPU_DTYPES) + _checks.strided_rows_reasons(**tensors)
 
 
 # Dispatch, registration, autograd.

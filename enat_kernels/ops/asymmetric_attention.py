@@ -601,17 +601,11 @@ def asymmetric_attention_backward_triton(grad_out, q, k_ctx, v_ctx, k_self, v_se
 
 def _kernel_why_not(*tensors, max_d, dtypes, what):
     """Limits shared by the Triton and CUDA attention kernels."""
-    reasons = []
     q = tensors[0]
-    if q.dtype not in dtypes:
-        reasons.append(f"the {what} attention kernels take {', '.join(str(d).removeprefix('torch.') for d in dtypes)}, "
-                       f"got {str(q.dtype).removeprefix('torch.')}")
+    reasons = _checks.dtype_reasons(f"the {what} attention kernels", q, dtypes)
     if q.shape[-1] > max_d:
         reasons.append(f"head dim {q.shape[-1]} is above the {what} kernels' {max_d}")
-    for name, t in zip(("q", "k_ctx", "v_ctx", "k_self", "v_self"), tensors):
-        if t.shape[-1] > 1 and t.stride(-1) != 1:
-            reasons.append(f"{name} is not contiguous in its last dimension (strides {t.stride()})")
-    return reasons
+    return reasons + _checks.strided_rows_reasons(**dict(zip(("q", "k_ctx", "v_ctx", "k_self", "v_self"), tensors)))
 
 
 # CUDA (csrc/cuda/asymmetric_attention.cu, kernels in csrc/cuda/attention_kernels.cuh): forward only.
